@@ -1,0 +1,245 @@
+"""Typed job configs: one YAML per job, dataclasses as the schema, `key=value` overrides.
+
+Every YAML under `configs/` names the module that runs it in its top-level `job:` key (for example
+`job: teacher.train`); that module defines a dataclass called `JobConfig`. Loading checks every key and
+type against the dataclass: an unknown key or a wrong type stops the run with a message that names the
+file, the key, and the closest valid key. The resolved config (after overrides) is written beside every
+output so a run can be reproduced and stages can be skipped when nothing changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override does not match its schema. The message says where and how to fix it."""
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    if match:
+        return f"did you mean '{match[0]}'?"
+    return f"valid keys: {', '.join(sorted(valid))}"
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against type annotation `tp`, returning the typed value (nested dataclasses built)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        val_tp = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML reads `1e-4` as a string (it needs a dot: 1.0e-4); accept both spellings.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r} (quote it in YAML)")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)} in schema")
+
+
+def _build(cls: type[T], data: dict, where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{key}' — {_closest(key, list(fields))}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: required key '{name}' is missing")
+    return cls(**kwargs)
+
+
+def from_dict(cls: type[T], data: dict, source: str = "<config>") -> T:
+    """Build dataclass `cls` from a nested dict, checking every key and type. `source` names the file."""
+    try:
+        return _build(cls, data, "")
+    except ConfigError as err:
+        msg = str(err).lstrip(": ")
+        raise ConfigError(f"{source}: {msg}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts/lists (what YAML and JSON can hold)."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise ConfigError(f"override '{item}': the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str], cls: type) -> dict:
+    """Set dotted `key=value` overrides in the raw dict; values are read as YAML scalars or lists."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node, schema = data, cls
+        for depth, part in enumerate(path):
+            names = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
+            if dataclasses.is_dataclass(schema) and part not in names:
+                dotted = ".".join(path[:depth] + [part])
+                raise ConfigError(f"override '{item}': unknown key '{dotted}' — {_closest(part, names)}")
+            if depth == len(path) - 1:
+                node[part] = value
+                break
+            child_tp = typing.get_type_hints(schema)[part] if dataclasses.is_dataclass(schema) else Any
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node, schema = node[part], child_tp
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, turning parser errors into a message with the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def job_config_class(job: str) -> type:
+    """The dataclass `JobConfig` of the module that runs `job` (e.g. 'teacher.train')."""
+    try:
+        module = importlib.import_module(job)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"job '{job}': no such module ({err})") from None
+    if not hasattr(module, "JobConfig"):
+        raise ConfigError(f"job '{job}': module {module.__name__} defines no JobConfig dataclass")
+    return module.JobConfig
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
+    """Load a job config from YAML (or defaults when `path` is None) and apply `key=value` overrides.
+
+    The YAML's `job:` key, if present, must name a module whose `JobConfig` is `cls`.
+    """
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    job = data.pop("job", None)
+    if job is not None and job_config_class(job) is not cls:
+        raise ConfigError(f"{source}: 'job: {job}' is a config for another job than {cls.__module__}")
+    data = apply_overrides(data, list(overrides), cls)
+    return from_dict(cls, data, source)
+
+
+def load_job_config(path: str | Path, overrides: list[str] = ()) -> Any:
+    """Load any YAML under configs/ with the schema of the job it names."""
+    data = read_yaml(path)
+    if "job" not in data:
+        raise ConfigError(f"{path}: missing top-level 'job:' key naming the module that runs it")
+    return load_config(job_config_class(data["job"]), path, overrides)
+
+
+def config_hash(cfg: Any) -> str:
+    """A stable hash of the resolved config, used to skip a stage whose inputs did not change."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_resolved(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config beside a stage's outputs (YAML, with the job module and hash)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {"job": type(cfg).__module__, **to_dict(cfg)}
+    path = out_dir / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"# resolved config, hash {config_hash(cfg)}\n" + yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
+    """Standard job entry point: `python -m <job> [--config FILE] [key=value ...]`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=description or cls.__doc__)
+    parser.add_argument("--config", help="YAML config for this job (configs/...)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, nested keys dotted (train.lr=1e-4)")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(cls, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
