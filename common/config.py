@@ -229,17 +229,33 @@ def save_resolved(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> P
     return path
 
 
-def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
-    """Standard job entry point: `python -m <job> [--config FILE] [key=value ...]`."""
+def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = "") -> tuple[T, bool]:
+    """Standard job entry point: `python -m <job> [--config FILE] [--force] [key=value ...]`.
+
+    Returns the config and whether `--force` (rerun even if the output is up to date) was given.
+    """
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(description=description or cls.__doc__)
     parser.add_argument("--config", help="YAML config for this job (configs/...)")
+    parser.add_argument("--force", action="store_true", help="rerun even if the outputs exist for this config")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, nested keys dotted (train.lr=1e-4)")
     args = parser.parse_args(argv)
     try:
-        return load_config(cls, args.config, args.overrides)
+        return load_config(cls, args.config, args.overrides), args.force
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def stage_is_current(cfg: Any, out_dir: str | Path, done_marker: str = "DONE") -> bool:
+    """True when `out_dir` holds a finished run of exactly this resolved config (so the stage can be skipped)."""
+    marker = Path(out_dir) / done_marker
+    return marker.is_file() and marker.read_text().strip() == config_hash(cfg)
+
+
+def mark_stage_done(cfg: Any, out_dir: str | Path, done_marker: str = "DONE") -> None:
+    """Record that `out_dir` holds a finished run of this config (written last, after every output)."""
+    save_resolved(cfg, out_dir)
+    (Path(out_dir) / done_marker).write_text(config_hash(cfg) + "\n")

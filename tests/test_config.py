@@ -13,8 +13,10 @@ from common.config import (
     from_dict,
     load_config,
     load_job_config,
+    mark_stage_done,
     parse_cli,
     save_resolved,
+    stage_is_current,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -119,4 +121,14 @@ def test_cli_exits_with_message(capsys):
         parse_cli(Job, ["stepz=3"])
     assert exc.value.code == 2
     assert "did you mean 'steps'" in capsys.readouterr().err
-    assert parse_cli(Job, ["steps=3"]).steps == 3
+    cfg, force = parse_cli(Job, ["steps=3", "--force"])
+    assert cfg.steps == 3 and force
+
+
+def test_stage_skip_marker(tmp_path):
+    cfg = load_config(Job, None, ["steps=3"])
+    assert not stage_is_current(cfg, tmp_path)
+    mark_stage_done(cfg, tmp_path)
+    assert stage_is_current(cfg, tmp_path)
+    assert not stage_is_current(load_config(Job, None, ["steps=4"]), tmp_path)
+    assert (tmp_path / "config.yaml").is_file()
