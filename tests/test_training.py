@@ -1,0 +1,107 @@
+"""The shared training loop: exact resume after a crash, schedule, non-finite steps, checkpoint pruning."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from common.dataset import DurationBucketSampler
+from common.tracking import MetricLogger, read_metrics
+from common.training import LoopConfig, OptimConfig, fit, seed_everything, warmup_cosine
+
+torch.set_num_threads(1)
+
+
+class TinyRegressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))
+        self.frozen = nn.Linear(4, 4).requires_grad_(False)
+
+    def forward(self, x):
+        return self.net(self.frozen(x))
+
+
+def make_data(n=40):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    y = x.sum(1, keepdim=True)
+    items = [{"x": x[i], "y": y[i]} for i in range(n)]
+    durations = torch.rand(n, generator=g).tolist()
+    return items, durations
+
+
+def collate(items):
+    return {"x": torch.stack([i["x"] for i in items]), "y": torch.stack([i["y"] for i in items])}
+
+
+def mse(model, batch):
+    pred = model(batch["x"])
+    loss = ((pred - batch["y"]) ** 2).mean()
+    return {"loss": loss, "mse": loss.detach()}
+
+
+def run(tmp, loss_fn=mse, max_steps=10, **loop_kw):
+    seed_everything(0)
+    model = TinyRegressor()
+    items, durations = make_data()
+    sampler = DurationBucketSampler(durations, batch_size=8, pool_batches=2, seed=0)
+    loop = LoopConfig(max_steps=max_steps, log_every=1, eval_every=100, save_every=3, keep_last=2, **loop_kw)
+    with MetricLogger(tmp / "logs", backends=("jsonl",)) as logger:
+        fit(model, items, sampler, collate, loss_fn, loop, OptimConfig(lr=1e-2, warmup_steps=2), tmp, logger)
+    return model
+
+
+def test_resume_after_crash_gives_identical_weights(tmp_path):
+    reference = run(tmp_path / "straight")
+
+    calls = {"n": 0}
+
+    def crashing(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 8:  # during step 8, after the checkpoint at step 6
+            raise KeyboardInterrupt
+        return mse(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "crash", loss_fn=crashing)
+    assert sorted(p.name for p in (tmp_path / "crash/checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
+    resumed = run(tmp_path / "crash")
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    steps = [r["step"] for r in read_metrics(tmp_path / "crash/logs")]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 7, 8, 9, 10]  # step 7 logged before the crash and again after resume
+    assert sorted(p.name for p in (tmp_path / "crash/checkpoints").iterdir()) == ["step_0000009", "step_0000010"]
+
+
+def test_logs_every_term_and_lr(tmp_path):
+    run(tmp_path, max_steps=4)
+    records = read_metrics(tmp_path / "logs")
+    assert {"train/loss", "train/mse", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(records[0])
+    assert records[0]["train/lr"] == pytest.approx(1e-2)  # after warm-up step 1 of 2 the next lr is the peak
+    assert records[-1]["train/loss"] < records[0]["train/loss"] * 2
+
+
+def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
+    def sometimes_nan(model, batch):
+        out = mse(model, batch)
+        return {"loss": out["loss"] * float("nan")}
+
+    with pytest.raises(RuntimeError, match="non-finite steps"):
+        run(tmp_path, loss_fn=sometimes_nan, max_bad_steps=3)
+    records = read_metrics(tmp_path / "logs")
+    assert records[-1]["train/skipped_steps"] == 3
+
+
+def test_warmup_cosine_schedule():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warmup=4, total=14, min_ratio=0.1)
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9)))
