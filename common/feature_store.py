@@ -1,0 +1,129 @@
+"""Precomputed features of a whole split in one safetensors file, shared by every stage that reads the split.
+
+Computing Whisper's log-mel and BEATs' fbank costs tens of milliseconds per clip on a CPU, several times what a
+toy model's training step spends on the clip, so the toy pipeline computes them once per split (in parallel)
+and every stage (teacher training, teacher cache, distillation, evaluation) memory-maps the same file.
+The file name carries a hash of the clips and the feature settings, so a change of either rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from common.audio import load_audio
+from common.dataset import AudioTextDataset
+from common.features import AudioFeaturizer, FeatureConfig
+
+
+def store_key(dataset: AudioTextDataset, feature_cfg: FeatureConfig) -> str:
+    """Hash of the clip list (paths, sizes, modification times) and of the feature settings."""
+    h = hashlib.sha256(json.dumps(vars(feature_cfg), sort_keys=True).encode())
+    for ex in dataset.examples:
+        path = Path(ex.path)
+        stat = path.stat() if ex.audio_bytes is None else None
+        size = stat.st_size if stat else len(ex.audio_bytes)
+        h.update(f"{ex.path}|{size}|{stat.st_mtime_ns if stat else 0}".encode())
+    return h.hexdigest()[:16]
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(feature_cfg: FeatureConfig) -> None:
+    torch.set_num_threads(1)
+    _WORKER["featurizer"] = AudioFeaturizer(feature_cfg)
+
+
+def _featurize(job: tuple[str, bytes | None]) -> dict[str, torch.Tensor]:
+    path, data = job
+    return _WORKER["featurizer"](load_audio(path, data=data))
+
+
+def build_store(dataset: AudioTextDataset, feature_cfg: FeatureConfig, path: Path, workers: int = 2) -> None:
+    """Featurize every clip of `dataset` and write `mel` [N, n_mels, frames] and the concatenated `fbank`
+    [Σ frames_i, 128] with `fbank_offsets` [N + 1] (float16) to `path`, atomically."""
+    jobs = [(ex.path, ex.audio_bytes) for ex in dataset.examples]
+    mels, fbanks = [], []
+    ctx = get_context("fork")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(feature_cfg,)) as pool:
+        for item in tqdm(pool.imap(_featurize, jobs, chunksize=16), total=len(jobs), desc=f"features {path.name}",
+                         unit="clip"):
+            mels.append(item["mel"].half())
+            if "fbank" in item:
+                fbanks.append(item["fbank"].half())
+    tensors = {"mel": torch.stack(mels)}
+    if fbanks:
+        lengths = torch.tensor([0] + [f.shape[0] for f in fbanks])
+        tensors["fbank"] = torch.cat(fbanks)
+        tensors["fbank_offsets"] = torch.cumsum(lengths, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"clips": str(len(jobs))})
+    tmp.replace(path)
+
+
+class StoredFeatureDataset(Dataset):
+    """An `AudioTextDataset` whose features come from a feature store instead of the audio files.
+
+    Items are the same dicts (`mel`, `fbank`, `text`, `task`, `prompt`, `path`, `duration`, `index`), with
+    features as float32.
+    """
+
+    def __init__(self, dataset: AudioTextDataset, path: Path):
+        self.dataset = dataset
+        self.path = path
+        self._file = None
+
+    @property
+    def examples(self):
+        return self.dataset.examples
+
+    @property
+    def durations(self):
+        return self.dataset.durations
+
+    @property
+    def report(self):
+        return self.dataset.report
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _open(self):
+        if self._file is None:
+            self._file = safe_open(str(self.path), framework="pt")
+        return self._file
+
+    def __getitem__(self, index: int) -> dict:
+        f = self._open()
+        ex = self.dataset.examples[index]
+        item = {"mel": f.get_slice("mel")[index : index + 1][0].float()}
+        if "fbank" in f.keys():
+            offsets = f.get_slice("fbank_offsets")[index : index + 2].tolist()
+            item["fbank"] = f.get_slice("fbank")[offsets[0] : offsets[1]].float()
+        item.update(text=ex.text, task=ex.task, prompt=self.dataset.prompt(ex), path=ex.path,
+                    duration=self.dataset.durations[index], index=index)
+        return item
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None  # safe_open handles do not pickle; reopen in the worker
+        return state
+
+
+def with_feature_store(dataset: AudioTextDataset, feature_cfg: FeatureConfig, store_dir: str | Path,
+                       name: str, workers: int = 2) -> StoredFeatureDataset:
+    """The dataset backed by `store_dir/<name>-<hash>.safetensors`, building that file if it is missing."""
+    path = Path(store_dir) / f"{name}-{store_key(dataset, feature_cfg)}.safetensors"
+    if not path.is_file():
+        build_store(dataset, feature_cfg, path, workers)
+    return StoredFeatureDataset(dataset, path)
