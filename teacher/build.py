@@ -1,0 +1,258 @@
+"""Build SALMONN from a config: each part from its own local files (the official layouts), or fresh at toy size.
+
+Real users point the config at a Hugging Face Whisper folder, an official BEATs `.pt`, an HF LLM folder and
+a SALMONN `.pth`; the toy preset leaves the paths empty and gets fresh parts of the same architectures, and
+`teacher.checkpoint.save_official_layout` writes a trained toy teacher back in exactly those layouts, so
+the same loaders serve both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperConfig
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from teacher.beats import BEATs, BEATsConfig
+from teacher.qformer import QFormerConfig, WindowQFormer
+from teacher.salmonn import PromptConfig, Salmonn
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class WhisperEncoderConfig:
+    path: str = ""
+    """Hugging Face Whisper folder (config.json + safetensors/bin); empty builds a fresh encoder from the fields."""
+    d_model: int = 1280
+    encoder_layers: int = 32
+    encoder_attention_heads: int = 20
+    encoder_ffn_dim: int = 5120
+    num_mel_bins: int = 80
+    max_source_positions: int = 1500
+    """Output frames; the encoder reads exactly twice as many mel frames (1500 → 30 s)."""
+    freeze: bool = True
+
+
+@dataclass
+class BeatsEncoderConfig:
+    enabled: bool = True
+    path: str = ""
+    """Official BEATs checkpoint (`{"cfg", "model"}`); empty builds a fresh BEATs from `cfg`."""
+    cfg: dict[str, Any] = field(default_factory=dict)
+    """BEATsConfig fields for a fresh model (ignored when `path` is set)."""
+    freeze: bool = True
+
+
+@dataclass
+class LLMConfig:
+    path: str = ""
+    """Hugging Face causal-LM folder (with its tokenizer); empty builds a fresh model from the fields below."""
+    tokenizer: str = ""
+    """Tokenizer folder, when it is not inside `path` (always needed for a fresh model)."""
+    architecture: Literal["llama", "gemma2"] = "llama"
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    head_dim: int = 0
+    """0 = hidden_size / num_attention_heads."""
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = False
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    freeze: bool = True
+    """Freeze the base weights (LoRA adapters, if any, still train)."""
+    add_pad_token: bool = True
+    """Add SALMONN's `[PAD]` token (and resize the embeddings) when the tokenizer has no pad token."""
+
+
+@dataclass
+class LoraSpec:
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class SalmonnConfig:
+    """A whole SALMONN: every part's source and shape, and the optional SALMONN checkpoint."""
+
+    whisper: WhisperEncoderConfig = field(default_factory=WhisperEncoderConfig)
+    beats: BeatsEncoderConfig = field(default_factory=BeatsEncoderConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    checkpoint: str = ""
+    """SALMONN `.pth` with the trained Q-Former, projection, layer norms and LoRA; empty = fresh glue."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing or does not fit the configured architecture."""
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF model folder: model.safetensors, sharded safetensors, or pytorch_model.bin."""
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights = {}
+        for shard in shards:
+            weights.update(load_file(str(folder / shard)))
+        return weights
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def load_whisper_encoder(path: str | Path) -> WhisperEncoder:
+    """The encoder of an HF Whisper folder (WhisperModel or WhisperForConditionalGeneration layout).
+
+    Only encoder tensors are read; the decoder is never built. Raises CheckpointError naming missing or
+    mis-shaped keys.
+    """
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: not a Hugging Face Whisper folder (no config.json); check whisper.path")
+    encoder = WhisperEncoder(WhisperConfig.from_pretrained(folder))
+    weights = read_hf_weights(folder)
+    prefix = next((p for p in ("model.encoder.", "encoder.") if any(k.startswith(p) for k in weights)), None)
+    if prefix is None:
+        raise CheckpointError(f"{folder}: no encoder weights (keys starting with model.encoder. or encoder.)")
+    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    _load_strict(encoder, state, folder)
+    return encoder
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                 f"shape mismatches: {shapes[:3]}" if shapes else ""]
+        raise CheckpointError(f"{source}: weights do not fit the architecture: " + "; ".join(p for p in parts if p))
+    module.load_state_dict(state, strict=True)
+
+
+def build_whisper(cfg: WhisperEncoderConfig) -> WhisperEncoder:
+    if cfg.path:
+        return load_whisper_encoder(cfg.path)
+    config = WhisperConfig(
+        d_model=cfg.d_model, encoder_layers=cfg.encoder_layers, encoder_attention_heads=cfg.encoder_attention_heads,
+        encoder_ffn_dim=cfg.encoder_ffn_dim, num_mel_bins=cfg.num_mel_bins,
+        max_source_positions=cfg.max_source_positions, decoder_layers=1, decoder_attention_heads=1,
+        decoder_ffn_dim=4, dropout=0.0,
+    )
+    return WhisperEncoder(config)
+
+
+def build_beats(cfg: BeatsEncoderConfig) -> BEATs | None:
+    if not cfg.enabled:
+        return None
+    if cfg.path:
+        if not Path(cfg.path).is_file():
+            raise CheckpointError(f"{cfg.path}: BEATs checkpoint not found; check beats.path")
+        return BEATs.from_checkpoint(cfg.path)
+    return BEATs(BEATsConfig.from_dict(cfg.cfg))
+
+
+def load_tokenizer(cfg: LLMConfig):
+    source = cfg.tokenizer or cfg.path
+    if not source:
+        raise CheckpointError("llm.tokenizer: a fresh LLM needs a tokenizer folder (llm.tokenizer)")
+    if not Path(source).is_dir():
+        raise CheckpointError(f"{source}: tokenizer folder not found; check llm.tokenizer / llm.path")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None and cfg.add_pad_token:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def fresh_llm_config(cfg: LLMConfig, tokenizer):
+    """A LLaMA or Gemma-2 config of the given size, with the tokenizer's vocabulary and special ids."""
+    from transformers import Gemma2Config, LlamaConfig
+
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=cfg.tie_word_embeddings,
+    )
+    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    if cfg.architecture == "llama":
+        return LlamaConfig(head_dim=head_dim, **common)
+    return Gemma2Config(head_dim=head_dim, query_pre_attn_scalar=head_dim, **common)
+
+
+def build_llm(cfg: LLMConfig, tokenizer) -> nn.Module:
+    dtype = DTYPES[cfg.dtype]
+    if cfg.path:
+        if not (Path(cfg.path) / "config.json").is_file():
+            raise CheckpointError(f"{cfg.path}: not a Hugging Face model folder (no config.json); check llm.path")
+        llm = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+    else:
+        llm = AutoModelForCausalLM.from_config(fresh_llm_config(cfg, tokenizer), dtype=dtype)
+    old = llm.get_input_embeddings().weight.shape[0]
+    if old < len(tokenizer):
+        # SALMONN adds [PAD] to the LLaMA tokenizer and resizes before LoRA is applied. The new rows are not in
+        # any checkpoint, so they get the mean of the old rows: deterministic, so every load gives one model.
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for matrix in (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight):
+                matrix[old:] = matrix[:old].mean(0)
+    return llm
+
+
+def apply_lora(llm: nn.Module, cfg: LoraSpec) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                        target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(llm, config)
+
+
+def set_trainable(model: Salmonn, cfg: SalmonnConfig) -> None:
+    """Freeze what the config freezes; the Q-Former, projection and layer norms always train."""
+    model.speech_encoder.requires_grad_(not cfg.whisper.freeze)
+    if model.audio_encoder is not None:
+        model.audio_encoder.requires_grad_(not cfg.beats.freeze)
+    if not cfg.lora.enabled:
+        model.llm.requires_grad_(not cfg.llm.freeze)
+
+
+def build_salmonn(cfg: SalmonnConfig, load_checkpoint: bool = True):
+    """Build the model; returns `(model, key_report)` where key_report is None without a SALMONN checkpoint."""
+    from teacher.checkpoint import load_salmonn_checkpoint
+
+    tokenizer = load_tokenizer(cfg.llm)
+    whisper = build_whisper(cfg.whisper)
+    beats = build_beats(cfg.beats)
+    encoder_dim = whisper.config.d_model + (beats.cfg.encoder_embed_dim if beats is not None else 0)
+    qformer = WindowQFormer(cfg.qformer, encoder_dim)
+    llm = build_llm(cfg.llm, tokenizer)
+    if cfg.lora.enabled:
+        llm = apply_lora(llm, cfg.lora)
+    model = Salmonn(whisper, beats, qformer, llm, tokenizer, cfg.prompt)
+    set_trainable(model, cfg)
+    report = None
+    if cfg.checkpoint and load_checkpoint:
+        report = load_salmonn_checkpoint(model, cfg.checkpoint)
+    return model, report

@@ -1,0 +1,92 @@
+"""SALMONN's window-level Q-Former: one learned query per short window of the joined encoder frames.
+
+The joined features `[batch, frames, speech_dim + audio_dim]` (50 frames per second, Whisper's rate) are cut
+into windows of `second_per_window` seconds every `second_stride` seconds (17 frames each at SALMONN's
+0.333 s → 88 windows for 30 s). Each window is a separate Q-Former input: the queries attend to the window's
+frames by cross-attention, so the LLM gets `windows × num_query_token` audio tokens in time order.
+
+The Q-Former is transformers' `Blip2QFormerModel` (bidirectional self-attention over the queries,
+cross-attention to the frames, no text FFN): `BertModel` with cross-attention insists on a causal decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+FRAMES_PER_SECOND = 50
+"""Whisper encoder output rate (20 ms per frame); BEATs tokens arrive at the same average rate."""
+
+
+@dataclass
+class QFormerConfig:
+    """Shape of the window-level Q-Former (SALMONN: BERT-base width, 2 layers, 1 query, 0.333 s windows)."""
+
+    num_query_token: int = 1
+    num_hidden_layers: int = 2
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    second_per_window: float = 0.333333
+    second_stride: float = 0.333333
+    dropout: float = 0.1
+    """Hidden and attention dropout (BERT's 0.1)."""
+
+
+def window_frames(cfg: QFormerConfig) -> tuple[int, int]:
+    """(kernel, stride) in encoder frames, rounded as SALMONN does: 0.333 s → 17 frames."""
+    kernel = round(FRAMES_PER_SECOND * cfg.second_per_window)
+    stride = round(FRAMES_PER_SECOND * cfg.second_stride)
+    return kernel, stride
+
+
+def num_windows(frames: int, cfg: QFormerConfig) -> int:
+    """Windows over `frames` encoder frames (incomplete windows at the end are dropped, as in SALMONN)."""
+    kernel, stride = window_frames(cfg)
+    return 0 if frames < kernel else (frames - kernel) // stride + 1
+
+
+def split_windows(features: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """`[batch, frames, dim]` → `[batch × windows, kernel, dim]`, windows in time order within each row."""
+    batch, frames, dim = features.shape
+    windows = features.unfold(1, kernel, stride)  # [batch, windows, dim, kernel]
+    return windows.permute(0, 1, 3, 2).reshape(-1, kernel, dim)
+
+
+class WindowQFormer(nn.Module):
+    """Window-level Q-Former: `[batch, frames, encoder_dim]` → `[batch, windows × queries, hidden_size]`."""
+
+    def __init__(self, cfg: QFormerConfig, encoder_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.kernel, self.stride = window_frames(cfg)
+        config = Blip2QFormerConfig(
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            intermediate_size=cfg.intermediate_size,
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
+            cross_attention_frequency=1,
+            encoder_hidden_size=encoder_dim,
+            layer_norm_eps=1e-12,
+            use_qformer_text_input=False,
+        )
+        self.qformer = Blip2QFormerModel(config)
+        # BLIP-2 / SALMONN initialise the queries with BERT's initializer range.
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_token, cfg.hidden_size))
+        self.query_tokens.data.normal_(mean=0.0, std=0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Args: features `[batch, frames, encoder_dim]`. Returns `[batch, windows × queries, hidden_size]`."""
+        batch = features.shape[0]
+        if features.shape[1] < self.kernel:
+            features = F.pad(features, (0, 0, 0, self.kernel - features.shape[1]))
+        windows = split_windows(features, self.kernel, self.stride)
+        queries = self.query_tokens.expand(windows.shape[0], -1, -1)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=windows).last_hidden_state
+        return out.reshape(batch, -1, out.shape[-1])

@@ -1,0 +1,223 @@
+"""SALMONN: Whisper encoder ⊕ BEATs → window-level Q-Former → projection → LLM (+ LoRA).
+
+The parts come from `transformers` (Whisper encoder, the LLM, the BLIP-2 Q-Former), `teacher.beats` and peft;
+this file is only the glue SALMONN adds: layer norms on both encoders, the frame-wise join, the window-level
+Q-Former, the projection into the LLM's embedding space, and prompt wrapping around the audio tokens.
+
+The LLM input of one example is `[BOS, prompt before <SpeechHere>, audio tokens, prompt after, target, end]`;
+prompt pieces are tokenized without special tokens and the loss covers only the target and its end token.
+Training batches are right-padded; generation and prefill batches are left-padded so every row ends at
+its last prompt token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evaluation.interface import AudioLanguageModel
+from teacher.qformer import WindowQFormer
+
+SPEECH_PLACEHOLDER = "<SpeechHere>"
+
+
+@dataclass
+class PromptConfig:
+    template: str = "USER: {}\nASSISTANT:"
+    """SALMONN's chat template; `{}` receives `<Speech><SpeechHere></Speech> {instruction}`."""
+    audio_wrapper: str = "<Speech>" + SPEECH_PLACEHOLDER + "</Speech> "
+    """Text around the audio tokens; `<SpeechHere>` marks where they go."""
+
+
+@dataclass
+class ForwardOutput:
+    """Teacher-forced pass over wrapped sequences."""
+
+    logits: torch.Tensor
+    """`[batch, seq, vocab]` LLM logits; position t predicts token t + 1."""
+    labels: torch.Tensor
+    """`[batch, seq]` input ids at target positions, -100 elsewhere (aligned with the inputs, not shifted)."""
+    loss: torch.Tensor
+    """Mean next-token cross-entropy over target tokens (fp32)."""
+    qformer_out: torch.Tensor
+    """`[batch, windows × queries, qformer_dim]` Q-Former outputs before the projection (feature KD target)."""
+    attention_mask: torch.Tensor
+    """`[batch, seq]` 1 for real positions."""
+
+
+def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align logits at t with the label at t + 1: returns `[batch, seq-1, vocab]`, `[batch, seq-1]`."""
+    return logits[:, :-1], labels[:, 1:]
+
+
+class Salmonn(AudioLanguageModel):
+    """The SALMONN architecture over ready-made parts (see `teacher.build` for building them).
+
+    Args:
+        speech_encoder: Whisper encoder; input `mel` `[batch, n_mels, frames]` → `[batch, frames / 2, d_whisper]`.
+        audio_encoder: BEATs or None; input fbank `[batch, frames, 128]` → `[batch, tokens, d_beats]`.
+        qformer: window-level Q-Former over the joined `d_whisper + d_beats` features.
+        llm: a causal LM (possibly a peft model) with `get_input_embeddings()`.
+        tokenizer: the LLM's tokenizer with bos, eos and pad tokens.
+    """
+
+    def __init__(self, speech_encoder: nn.Module, audio_encoder: nn.Module | None, qformer: WindowQFormer,
+                 llm: nn.Module, tokenizer, prompt: PromptConfig | None = None):
+        super().__init__()
+        self.speech_encoder = speech_encoder
+        self.ln_speech = nn.LayerNorm(speech_encoder.config.d_model)
+        self.audio_encoder = audio_encoder
+        self.ln_audio = nn.LayerNorm(audio_encoder.cfg.encoder_embed_dim) if audio_encoder is not None else None
+        self.qformer = qformer
+        self.projector = nn.Linear(qformer.cfg.hidden_size, llm.config.hidden_size)
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.prompt_cfg = prompt or PromptConfig()
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, name) is None:
+                raise ValueError(f"the LLM tokenizer has no {name.removesuffix('_id')}; SALMONN needs bos, eos, pad")
+        self._prompt_ids_cache: dict[str, tuple[list[int], list[int]]] = {}
+
+    # ----- parts and audio -------------------------------------------------------------------------------
+    def parts(self) -> dict[str, nn.Module]:
+        parts = {"speech_encoder": self.speech_encoder, "llm": self.llm}
+        glue = nn.ModuleList([self.ln_speech, self.qformer, self.projector])
+        if self.audio_encoder is not None:
+            parts["audio_encoder"] = self.audio_encoder
+            glue.append(self.ln_audio)
+        parts["qformer_projector"] = glue
+        return parts
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def join_encoders(self, batch: dict) -> torch.Tensor:
+        """Both encoders, layer-normed, joined frame by frame: `[batch, frames, d_whisper (+ d_beats)]`.
+
+        The shorter sequence is zero-padded at the end (SALMONN's rule): BEATs' time-major tokens arrive at
+        8 per 160 ms, the same average rate as Whisper's 20 ms frames, so index i pairs roughly equal times.
+        """
+        dtype = next(self.speech_encoder.parameters()).dtype
+        speech = self.speech_encoder(batch["mel"].to(dtype)).last_hidden_state
+        speech = self.ln_speech(speech)
+        if self.audio_encoder is None:
+            return speech
+        audio = self.encode_beats(batch)
+        audio = self.ln_audio(audio)
+        length = max(speech.shape[1], audio.shape[1])
+        speech = F.pad(speech, (0, 0, 0, length - speech.shape[1]))
+        audio = F.pad(audio, (0, 0, 0, length - audio.shape[1]))
+        return torch.cat([speech, audio.to(speech.dtype)], dim=-1)
+
+    def encode_beats(self, batch: dict) -> torch.Tensor:
+        """BEATs features `[batch, tokens, d_beats]` of the batch's fbank (padding positions zeroed)."""
+        dtype = next(self.audio_encoder.parameters()).dtype
+        features, mask = self.audio_encoder.forward_fbank(batch["fbank"].to(dtype), batch.get("fbank_padding_mask"))
+        if mask is not None:
+            features = features.masked_fill(mask.unsqueeze(-1), 0.0)
+        return features
+
+    def audio_queries(self, batch: dict) -> torch.Tensor:
+        """Q-Former outputs `[batch, windows × queries, qformer_dim]`."""
+        return self.qformer(self.join_encoders(batch))
+
+    def encode_audio(self, batch: dict) -> torch.Tensor:
+        return self.projector(self.audio_queries(batch)).to(self.llm_dtype)
+
+    # ----- prompt wrapping -------------------------------------------------------------------------------
+    def prompt_ids(self, instruction: str) -> tuple[list[int], list[int]]:
+        """Token ids of the prompt before and after `<SpeechHere>`: `[BOS] + before`, `after`."""
+        if instruction not in self._prompt_ids_cache:
+            text = self.prompt_cfg.template.format(self.prompt_cfg.audio_wrapper + instruction.strip())
+            before, after = text.split(SPEECH_PLACEHOLDER)
+            tok = self.tokenizer
+            ids_before = [tok.bos_token_id] + tok(before, add_special_tokens=False)["input_ids"]
+            ids_after = tok(after, add_special_tokens=False)["input_ids"]
+            self._prompt_ids_cache[instruction] = (ids_before, ids_after)
+        return self._prompt_ids_cache[instruction]
+
+    def wrap(self, audio_embeds: torch.Tensor, prompts: Sequence[str], target_ids: torch.Tensor | None = None,
+             target_labels: torch.Tensor | None = None, left_pad: bool = False):
+        """Build LLM inputs around the audio tokens.
+
+        Args:
+            audio_embeds: `[batch, audio_tokens, llm_dim]`.
+            prompts: one instruction per row.
+            target_ids / target_labels: `[batch, target_len]` from the collator (labels -100 at padding).
+            left_pad: pad on the left (generation) instead of the right (training).
+
+        Returns: `(inputs_embeds [batch, seq, llm_dim], attention_mask [batch, seq], labels [batch, seq])`.
+        """
+        embed = self.llm.get_input_embeddings()
+        device = audio_embeds.device
+        rows, labels = [], []
+        for i, instruction in enumerate(prompts):
+            before, after = self.prompt_ids(instruction)
+            pieces = [embed(torch.tensor(before, device=device)), audio_embeds[i],
+                      embed(torch.tensor(after, device=device))]
+            n_prompt = len(before) + audio_embeds.shape[1] + len(after)
+            row_labels = [torch.full((n_prompt,), -100, dtype=torch.long, device=device)]
+            if target_ids is not None:
+                keep = target_labels[i] != -100
+                pieces.append(embed(target_ids[i][keep].to(device)))
+                row_labels.append(target_labels[i][keep].to(device))
+            rows.append(torch.cat(pieces))
+            labels.append(torch.cat(row_labels))
+        length = max(r.shape[0] for r in rows)
+        dim = rows[0].shape[-1]
+        inputs = audio_embeds.new_zeros(len(rows), length, dim)
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
+        out_labels = torch.full((len(rows), length), -100, dtype=torch.long, device=device)
+        for i, (row, lab) in enumerate(zip(rows, labels, strict=True)):
+            span = slice(length - row.shape[0], length) if left_pad else slice(0, row.shape[0])
+            inputs[i, span] = row
+            mask[i, span] = 1
+            out_labels[i, span] = lab
+        return inputs, mask, out_labels
+
+    # ----- training ----------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> ForwardOutput:
+        """Teacher-forced pass on a collated batch with `target_ids` / `labels`."""
+        queries = self.audio_queries(batch)
+        audio = self.projector(queries).to(self.llm_dtype)
+        inputs, mask, labels = self.wrap(audio, batch["prompts"], batch["target_ids"], batch["labels"])
+        logits = self.llm(inputs_embeds=inputs, attention_mask=mask).logits
+        shifted_logits, shifted_labels = shift_for_next_token(logits, labels)
+        loss = F.cross_entropy(shifted_logits.float().reshape(-1, logits.shape[-1]), shifted_labels.reshape(-1),
+                               ignore_index=-100)
+        return ForwardOutput(logits=logits, labels=labels, loss=loss, qformer_out=queries, attention_mask=mask)
+
+    # ----- inference -----------------------------------------------------------------------------------
+    def prefill(self, audio_embeds: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, Any]:
+        inputs, mask, _ = self.wrap(audio_embeds, prompts, left_pad=True)
+        # Left padding: positions count real tokens only, as HF generate derives them from the mask.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=True)
+        return out.logits[:, -1], {"past_key_values": out.past_key_values, "attention_mask": mask}
+
+    def decode_step(self, token_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        mask = torch.cat([cache["attention_mask"], cache["attention_mask"].new_ones(token_ids.shape[0], 1)], dim=1)
+        positions = mask.sum(-1, keepdim=True) - 1
+        out = self.llm(input_ids=token_ids, past_key_values=cache["past_key_values"], attention_mask=mask,
+                       position_ids=positions, use_cache=True)
+        return out.logits[:, -1], {"past_key_values": out.past_key_values, "attention_mask": mask}
+
+    @torch.inference_mode()
+    def generate(self, batch: dict, prompts: Sequence[str], max_new_tokens: int = 64, num_beams: int = 1,
+                 **generation_kwargs: Any) -> list[str]:
+        """Beam search or greedy decoding with SALMONN's settings available as keyword arguments
+        (`repetition_penalty`, `length_penalty`, `min_length`, `do_sample`, `temperature`, `top_p`)."""
+        audio = self.encode_audio(batch)
+        inputs, mask, _ = self.wrap(audio, prompts, left_pad=True)
+        ids = self.llm.generate(
+            inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            **generation_kwargs,
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
