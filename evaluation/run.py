@@ -1,0 +1,214 @@
+"""Evaluate one or more model stages on the same test clips: quality, efficiency, one results.json each.
+
+    python -m evaluation.run --config configs/toy/evaluate.yaml
+
+Every model is loaded by a `module:function` loader from a folder, so any stage (teacher, student, pruned,
+int8) plugs in through the `AudioLanguageModel` interface. Efficiency is measured for all models in one
+process, interleaved, and the ratios to the first model (the reference, normally the teacher) are written
+to `comparison.json`: on a noisy CPU only ratios taken in one run mean something.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common.config import parse_cli, save_resolved
+from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
+from common.feature_store import with_feature_store
+from common.features import FeatureConfig
+from evaluation.asr_metrics import NORMALIZER_NAME, asr_scores
+from evaluation.caption_metrics import caption_scores
+from evaluation.efficiency import EfficiencyConfig, compare
+from evaluation.interface import AudioLanguageModel
+from evaluation.results import build_results, efficiency_metrics, format_summary, write_results
+
+
+@dataclass
+class ModelRef:
+    name: str = "teacher"
+    """Name in the outputs (`<output_dir>/<name>/results.json`)."""
+    loader: str = "teacher.checkpoint:load_model_folder"
+    """`module:function` taking the path and returning an AudioLanguageModel."""
+    path: str = ""
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 48
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class JobConfig:
+    """Evaluate model stages on a test split."""
+
+    models: list[ModelRef] = field(default_factory=list)
+    """The first model is the reference for efficiency ratios."""
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    feature_store: str = ""
+    """Folder of precomputed split features (see common.feature_store); empty computes them on the fly."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
+    efficiency_clips: int = 4
+    """Fixed test clips (the first ones of each task) used for TTFT/TPOT at batch 1."""
+    max_clips_per_task: int = 0
+    """Score only the first N clips of each task (0 = all)."""
+    batch_size: int = 16
+    threads: int = 0
+    """torch CPU threads (0 = leave torch's default); timings are only comparable at equal threads."""
+    caption_cache_dir: str = ""
+    """Where the caption metrics' jars are linked (empty: ~/.cache/smolt/caption_metrics)."""
+    output_dir: str = "outputs/eval"
+
+
+def load_model(ref: ModelRef) -> AudioLanguageModel:
+    module_name, _, function = ref.loader.partition(":")
+    if not function:
+        raise ValueError(f"models[{ref.name}].loader must be 'module:function', got {ref.loader!r}")
+    model = getattr(importlib.import_module(module_name), function)(ref.path)
+    return model.eval()
+
+
+def select_clips(dataset, max_per_task: int) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
+    """Per task, the dataset indices to decode (one per unique clip) and each clip's references.
+
+    AAC clips appear once per reference caption; they are decoded once and scored against all captions.
+    """
+    chosen: dict[str, list[int]] = {}
+    refs: dict[str, list[str]] = {}
+    first: dict[tuple[str, str], int] = {}
+    for i, ex in enumerate(dataset.examples):
+        key = (ex.task, ex.path)
+        if key not in first:
+            if max_per_task and len(chosen.get(ex.task, [])) >= max_per_task:
+                continue
+            first[key] = i
+            chosen.setdefault(ex.task, []).append(i)
+        refs.setdefault(f"{ex.task}|{ex.path}", []).append(ex.text)
+    return chosen, refs
+
+
+@torch.inference_mode()
+def decode(model: AudioLanguageModel, dataset, indices: list[int], cfg: JobConfig) -> list[str]:
+    collate = AudioTextCollator()
+    gen = cfg.generation
+    # Similar lengths together: less padding in BEATs and in the left-padded prompts.
+    order = sorted(indices, key=lambda i: dataset.durations[i])
+    out: dict[int, str] = {}
+    for start in tqdm(range(0, len(order), cfg.batch_size), desc="decode", unit="batch", leave=False):
+        ids = order[start : start + cfg.batch_size]
+        batch = collate([dataset[i] for i in ids])
+        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        texts = model.generate(batch, batch["prompts"], max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams,
+                               repetition_penalty=gen.repetition_penalty)
+        out.update(zip(ids, texts, strict=True))
+    return [out[i] for i in indices]
+
+
+def quality(model: AudioLanguageModel, dataset, cfg: JobConfig, out_dir: Path,
+            cache_dir: Path | None) -> tuple[dict, dict, dict]:
+    """Decode the chosen clips, write predictions.jsonl, return (metrics, settings, unavailable)."""
+    chosen, refs = select_clips(dataset, cfg.max_clips_per_task)
+    metrics, unavailable = {}, {}
+    lines = []
+    asr = chosen.get("asr", [])
+    if asr:
+        hyps = decode(model, dataset, asr, cfg)
+        gold = [dataset.examples[i].text for i in asr]
+        scores = asr_scores(hyps, gold)
+        metrics.update(wer=scores["wer"], cer=scores["cer"], wer_ortho=scores["wer_ortho"], asr_clips=len(asr))
+        lines += [{"task": "asr", "path": dataset.examples[i].path, "prediction": h, "references": [g]}
+                  for i, h, g in zip(asr, hyps, gold, strict=True)]
+    else:
+        unavailable.update(wer="no asr clips in the test split", cer="no asr clips in the test split")
+    aac = chosen.get("audiocaption", [])
+    if len(aac) >= 2:
+        cands = decode(model, dataset, aac, cfg)
+        clip_refs = [refs[f"audiocaption|{dataset.examples[i].path}"] for i in aac]
+        scores = caption_scores(cands, clip_refs, cache_dir=cache_dir)
+        for key in ("cider_d", "spice", "spider", "meteor", "bleu_4", "rouge_l"):
+            if scores[key] is None:
+                unavailable[key] = scores["unavailable"][key]
+            else:
+                metrics[key] = scores[key]
+        metrics["aac_clips"] = len(aac)
+        per_clip = scores.get("cider_d_per_clip") or [None] * len(aac)
+        lines += [{"task": "audiocaption", "path": dataset.examples[i].path, "prediction": c, "references": r,
+                   "cider_d": s} for i, c, r, s in zip(aac, cands, clip_refs, per_clip, strict=True)]
+    else:
+        for key in ("cider_d", "spice", "spider"):
+            unavailable[key] = "fewer than 2 audiocaption clips in the test split"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "predictions.jsonl", "w") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    settings = {"wer": {"normalizer": NORMALIZER_NAME, "library": "jiwer"},
+                "captions": {"library": "aac-metrics", "references_per_clip": "all"},
+                "generation": asdict(cfg.generation)}
+    return metrics, settings, unavailable
+
+
+def efficiency_clips(dataset, cfg: JobConfig) -> list[dict]:
+    """The first `efficiency_clips` clips, alternating tasks, each a batch of one.
+
+    They are padded to a common length (so the throughput harness can stack them into larger batches), which
+    every model sees alike.
+    """
+    chosen, _ = select_clips(dataset, 0)
+    per_task = [chosen[t] for t in sorted(chosen)]
+    picked = [ids[i] for i in range(cfg.efficiency_clips) for ids in per_task if i < len(ids)]
+    batch = AudioTextCollator()([dataset[i] for i in picked[: cfg.efficiency_clips]])
+    return [{k: v[row : row + 1] for k, v in batch.items()} for row in range(len(batch["texts"]))]
+
+
+def load_test_split(cfg: JobConfig):
+    dataset = AudioTextDataset.scan(cfg.data.test, cfg.data, cfg.features, desc="scan test")
+    if cfg.feature_store:
+        dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, "test")
+    return dataset
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, _ = parse_cli(JobConfig, argv)
+    if not cfg.models:
+        raise SystemExit("config error: `models` is empty; list at least one {name, loader, path}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_root = Path(cfg.output_dir)
+    save_resolved(cfg, out_root)
+    dataset = load_test_split(cfg)
+    print(f"test split: {dataset.report.summary()}")
+    cache_dir = Path(cfg.caption_cache_dir) if cfg.caption_cache_dir else None
+    models = {ref.name: load_model(ref) for ref in cfg.models}
+    clips = efficiency_clips(dataset, cfg)
+    report = compare(models, clips, cfg.efficiency, reference=cfg.models[0].name)
+    all_results = {}
+    for ref in cfg.models:
+        metrics, settings, unavailable = quality(models[ref.name], dataset, cfg, out_root / ref.name, cache_dir)
+        eff_values, eff_unavailable = efficiency_metrics(report["models"][ref.name])
+        settings["efficiency"] = report["settings"]
+        results = build_results({**metrics, **eff_values}, settings, {**unavailable, **eff_unavailable},
+                                model=ref.name, path=ref.path, efficiency=report["models"][ref.name])
+        write_results(out_root / ref.name / "results.json", results)
+        summary = format_summary(results)
+        (out_root / ref.name / "summary.txt").write_text(summary + "\n")
+        print(summary)
+        all_results[ref.name] = results
+    comparison = {"reference": report["reference"], "ratios": report["ratios"],
+                  "quality": {name: {k: r.get(k) for k in ("wer", "cer", "cider_d", "spider")}
+                              for name, r in all_results.items()}}
+    (out_root / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    print(json.dumps(comparison, indent=2))
+    return all_results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""`python -m evaluation.run` end to end on tiny random models: results.json, predictions, ratios."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from tiny_salmonn import write_official_layout
+
+from evaluation.results import METRIC_KEYS, load_results
+from evaluation.run import main as evaluate_main
+from evaluation.run import select_clips
+from teacher.build import build_salmonn
+from teacher.checkpoint import save_model_folder
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    cfg = write_official_layout(root / "official")
+    model, _ = build_salmonn(cfg)
+    save_model_folder(model, cfg, root / "teacher")
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(3):
+        sf.write(root / f"s{i}.wav", (0.3 * rng.standard_normal(16000)).astype(np.float32), 16000)
+        entries.append({"path": f"s{i}.wav", "text": ["the cat sat", "hello world", "the dog runs"][i], "task": "asr"})
+    for i in range(3):
+        sf.write(root / f"a{i}.wav", (0.3 * rng.standard_normal(12000)).astype(np.float32), 16000)
+        for caption in ("a high tone", "three short beeps"):
+            entries.append({"path": f"a{i}.wav", "text": f"{caption} {i}", "task": "audiocaption"})
+    (root / "test.json").write_text(json.dumps({"annotation": entries}))
+    return root
+
+
+def test_evaluates_two_stages_and_writes_results(setup, tmp_path):
+    root = setup
+    args = [
+        "models=[{name: teacher, path: " + str(root / "teacher") + "}, {name: copy, path: " + str(root / "teacher") + "}]",
+        f"data.test=[{root / 'test.json'}]", "features.whisper_chunk_seconds=2", "efficiency.timed_runs=2",
+        "efficiency.warmup_runs=1", "efficiency.decode_steps=2", "efficiency.throughput_runs=1",
+        "efficiency.throughput_batch_size=2", "efficiency.max_new_tokens=3", "efficiency_clips=2",
+        "generation.max_new_tokens=4", f"output_dir={tmp_path}", f"caption_cache_dir={tmp_path / 'jars'}",
+    ]
+    evaluate_main(args)
+    results = load_results(tmp_path / "teacher" / "results.json")
+    assert set(METRIC_KEYS) <= set(results)
+    assert 0 <= results["wer"] and results["asr_clips"] == 3 and results["aac_clips"] == 3
+    assert results["cider_d"] is not None and results["cider_d"] >= 0
+    assert results["spice"] is None and results["unavailable"]["spider"] == "needs SPICE"
+    assert results["params"] > 0 and results["ttft_ms"] > 0 and results["tpot_ms"] > 0
+    assert results["settings"]["efficiency"]["protocol"] == "careful"
+    lines = [json.loads(x) for x in (tmp_path / "teacher" / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 6
+    aac = [x for x in lines if x["task"] == "audiocaption"]
+    assert all(len(x["references"]) == 2 for x in aac)
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert comparison["ratios"]["copy"]["params"] == 1.0 and comparison["ratios"]["teacher"]["params"] == 1.0
+    # Same weights, so the same predictions and scores.
+    copy = load_results(tmp_path / "copy" / "results.json")
+    assert copy["wer"] == results["wer"] and copy["cider_d"] == results["cider_d"]
+    assert (tmp_path / "teacher" / "summary.txt").read_text().startswith("results for teacher")
+
+
+def test_select_clips_groups_captions_and_limits():
+    class Ex:
+        def __init__(self, path, task, text):
+            self.path, self.task, self.text = path, task, text
+
+    class DS:
+        examples = [Ex("a", "audiocaption", "x"), Ex("a", "audiocaption", "y"), Ex("b", "asr", "z"),
+                    Ex("c", "audiocaption", "w"), Ex("d", "asr", "v")]
+
+    chosen, refs = select_clips(DS(), 0)
+    assert chosen == {"audiocaption": [0, 3], "asr": [2, 4]} and refs["audiocaption|a"] == ["x", "y"]
+    chosen, _ = select_clips(DS(), 1)
+    assert chosen == {"audiocaption": [0], "asr": [2]}
