@@ -38,8 +38,9 @@ def setup(tmp_path_factory):
 
 def test_evaluates_two_stages_and_writes_results(setup, tmp_path):
     root = setup
+    folder = root / "teacher"
     args = [
-        "models=[{name: teacher, path: " + str(root / "teacher") + "}, {name: copy, path: " + str(root / "teacher") + "}]",
+        f"models=[{{name: teacher, path: {folder}}}, {{name: copy, path: {folder}}}]",
         f"data.test=[{root / 'test.json'}]", "features.whisper_chunk_seconds=2", "efficiency.timed_runs=2",
         "efficiency.warmup_runs=1", "efficiency.decode_steps=2", "efficiency.throughput_runs=1",
         "efficiency.throughput_batch_size=2", "efficiency.max_new_tokens=3", "efficiency_clips=2",
