@@ -178,6 +178,17 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def job_name(cls: type) -> str:
+    """The module that runs a job config class (its real name also when run as `python -m module`)."""
+    if cls.__module__ == "__main__":
+        import sys
+
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if spec is not None:
+            return spec.name
+    return cls.__module__
+
+
 def job_config_class(job: str) -> type:
     """The dataclass `JobConfig` of the module that runs `job` (e.g. 'teacher.train')."""
     try:
@@ -197,7 +208,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
     job = data.pop("job", None)
-    if job is not None and job_config_class(job) is not cls:
+    if job is not None and job != job_name(cls):
         raise ConfigError(f"{source}: 'job: {job}' is a config for another job than {cls.__module__}")
     data = apply_overrides(data, list(overrides), cls)
     return from_dict(cls, data, source)
@@ -221,7 +232,7 @@ def save_resolved(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> P
     """Write the resolved config beside a stage's outputs (YAML, with the job module and hash)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = {"job": type(cfg).__module__, **to_dict(cfg)}
+    data = {"job": job_name(type(cfg)), **to_dict(cfg)}
     path = out_dir / name
     tmp = path.with_suffix(".tmp")
     tmp.write_text(f"# resolved config, hash {config_hash(cfg)}\n" + yaml.safe_dump(data, sort_keys=False))

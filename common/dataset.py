@@ -47,6 +47,9 @@ class DataConfig:
     """Clips longer than this are dropped (Whisper hears 30 s at most)."""
     silence_dbfs: float = -60.0
     """Clips whose peak is below this level (dB full scale) are dropped as silent."""
+    max_captions_per_clip: int = 0
+    """Keep only the first N reference captions of each captioning clip (0 = all). Training may cap this to
+    balance tasks; evaluation keeps all, since CIDEr-D and SPICE score against every reference."""
     bucket_pool_batches: int = 50
     """Duration bucketing sorts pools of this many batches by length; 1 gives random batches."""
 
@@ -62,6 +65,19 @@ def _drop_reason(wav: np.ndarray, cfg: DataConfig) -> str | None:
     if peak_dbfs(wav) < cfg.silence_dbfs:
         return "silent"
     return None
+
+
+def _cap_captions(examples: list[Example], limit: int, report: DataReport) -> list[Example]:
+    seen: dict[str, int] = {}
+    kept = []
+    for ex in examples:
+        if ex.task == "audiocaption":
+            seen[ex.path] = seen.get(ex.path, 0) + 1
+            if seen[ex.path] > limit:
+                report.dropped["captions_beyond_limit"] += 1
+                continue
+        kept.append(ex)
+    return kept
 
 
 class AudioTextDataset(Dataset):
@@ -86,6 +102,8 @@ class AudioTextDataset(Dataset):
         if not sources:
             raise DataError("no data sources given: set data.train / data.valid / data.test", "no_sources")
         examples = read_examples(sources, data_cfg.tasks, data_cfg.on_error, report)
+        if data_cfg.max_captions_per_clip:
+            examples = _cap_captions(examples, data_cfg.max_captions_per_clip, report)
         kept, durations = [], []
         for ex in tqdm(examples, desc=desc, unit="clip", leave=False):
             try:

@@ -24,10 +24,25 @@ from common.dataset import AudioTextDataset
 from common.features import AudioFeaturizer, FeatureConfig
 
 
+def unique_clips(dataset: AudioTextDataset) -> tuple[list, list[int]]:
+    """(one example per distinct audio, row of each dataset item in that list).
+
+    Captioning clips appear once per reference caption; their features are stored once.
+    """
+    rows: dict[str, int] = {}
+    unique, index = [], []
+    for ex in dataset.examples:
+        if ex.path not in rows:
+            rows[ex.path] = len(unique)
+            unique.append(ex)
+        index.append(rows[ex.path])
+    return unique, index
+
+
 def store_key(dataset: AudioTextDataset, feature_cfg: FeatureConfig) -> str:
     """Hash of the clip list (paths, sizes, modification times) and of the feature settings."""
     h = hashlib.sha256(json.dumps(vars(feature_cfg), sort_keys=True).encode())
-    for ex in dataset.examples:
+    for ex in unique_clips(dataset)[0]:
         path = Path(ex.path)
         stat = path.stat() if ex.audio_bytes is None else None
         size = stat.st_size if stat else len(ex.audio_bytes)
@@ -49,9 +64,9 @@ def _featurize(job: tuple[str, bytes | None]) -> dict[str, torch.Tensor]:
 
 
 def build_store(dataset: AudioTextDataset, feature_cfg: FeatureConfig, path: Path, workers: int = 2) -> None:
-    """Featurize every clip of `dataset` and write `mel` [N, n_mels, frames] and the concatenated `fbank`
-    [Σ frames_i, 128] with `fbank_offsets` [N + 1] (float16) to `path`, atomically."""
-    jobs = [(ex.path, ex.audio_bytes) for ex in dataset.examples]
+    """Featurize every distinct clip of `dataset` and write `mel` [N, n_mels, frames] and the concatenated
+    `fbank` [Σ frames_i, 128] with `fbank_offsets` [N + 1] (float16) to `path`, atomically."""
+    jobs = [(ex.path, ex.audio_bytes) for ex in unique_clips(dataset)[0]]
     mels, fbanks = [], []
     ctx = get_context("fork")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(feature_cfg,)) as pool:
@@ -81,6 +96,7 @@ class StoredFeatureDataset(Dataset):
     def __init__(self, dataset: AudioTextDataset, path: Path):
         self.dataset = dataset
         self.path = path
+        self.rows = unique_clips(dataset)[1]
         self._file = None
 
     @property
@@ -106,9 +122,10 @@ class StoredFeatureDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         f = self._open()
         ex = self.dataset.examples[index]
-        item = {"mel": f.get_slice("mel")[index : index + 1][0].float()}
+        row = self.rows[index]
+        item = {"mel": f.get_slice("mel")[row : row + 1][0].float()}
         if "fbank" in f.keys():
-            offsets = f.get_slice("fbank_offsets")[index : index + 2].tolist()
+            offsets = f.get_slice("fbank_offsets")[row : row + 2].tolist()
             item["fbank"] = f.get_slice("fbank")[offsets[0] : offsets[1]].float()
         item.update(text=ex.text, task=ex.task, prompt=self.dataset.prompt(ex), path=ex.path,
                     duration=self.dataset.durations[index], index=index)

@@ -215,3 +215,12 @@ def test_bucket_sampler_is_deterministic_per_epoch_and_shards():
     assert not set(map(tuple, ranks[0])) & set(map(tuple, ranks[1]))
     no_bucket = DurationBucketSampler(durations, 8, pool_batches=1, shuffle=False)
     assert list(no_bucket)[0] == list(range(8))
+
+
+def test_caption_limit_keeps_first_captions(clips):
+    root, entries = clips
+    extra = [{"path": "audio/b.flac", "text": f"caption {i}", "task": "audiocaption"} for i in range(3)]
+    ds = scan(write_json(root / "c.json", entries + extra), max_captions_per_clip=2)
+    texts = [ex.text for ex in ds.examples if ex.path.endswith("b.flac")]
+    assert texts == ["a tone", "caption 0"]
+    assert ds.report.to_dict()["dropped"] == {"captions_beyond_limit": 2}

@@ -1,0 +1,134 @@
+"""Train a SALMONN (the toy teacher from scratch, or SALMONN's own stage-1 recipe on real encoders).
+
+    python -m teacher.train --config configs/toy/teacher.yaml [key=value ...]
+
+setup (data, tokenizer, model) → fit (the shared loop: AdamW, warm-up + cosine, clipping, checkpoints,
+exact resume, TensorBoard under log_dir) → save the model in the official layouts under
+`output_dir/model/` (HF Whisper folder, BEATs .pt, HF LLM folder, SALMONN .pth, salmonn.yaml), which the
+teacher cache, the student builder and the evaluation load through the same loaders as the real release.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from common.bpe import train_bpe
+from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
+from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig, DurationBucketSampler
+from common.feature_store import with_feature_store
+from common.features import FeatureConfig
+from common.tracking import MetricLogger
+from common.training import LoopConfig, OptimConfig, fit, seed_everything
+from teacher.build import SalmonnConfig, build_salmonn
+from teacher.checkpoint import save_model_folder
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 1000
+    style: Literal["llama", "bytelevel"] = "llama"
+    """llama: `▁` word markers like Vicuna's SentencePiece; bytelevel: `Ġ` markers (the toy student's)."""
+
+
+@dataclass
+class ValidationConfig:
+    max_clips_per_task: int = 48
+    """Valid clips decoded per task at each evaluation (the valid split is small; the test split is for the end)."""
+    max_new_tokens: int = 40
+    batch_size: int = 24
+
+
+@dataclass
+class JobConfig:
+    """Train a SALMONN on annotation data."""
+
+    model: SalmonnConfig = field(default_factory=SalmonnConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Used when `model.llm` is fresh and `model.llm.tokenizer` does not exist yet: a BPE is trained on the
+    training texts and prompts and saved there."""
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    feature_store: str = ""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    output_dir: str = "outputs/toy/teacher"
+    log_dir: str = "runs/toy-teacher"
+
+
+def load_split(cfg: JobConfig, split: str):
+    dataset = AudioTextDataset.scan(getattr(cfg.data, split), cfg.data, cfg.features, desc=f"scan {split}")
+    dataset.report.save(Path(cfg.output_dir) / f"data_report_{split}.json")
+    print(f"{split}: {dataset.report.summary()}")
+    if cfg.feature_store:
+        dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, split)
+    return dataset
+
+
+def ensure_tokenizer(cfg: JobConfig, train) -> None:
+    """Train and save the BPE tokenizer of a fresh LLM, on the training texts and every prompt string."""
+    llm = cfg.model.llm
+    if llm.path or (llm.tokenizer and Path(llm.tokenizer, "tokenizer.json").is_file()):
+        return
+    if not llm.tokenizer:
+        raise SystemExit("config error: model.llm.tokenizer must name a folder for the fresh LLM's tokenizer")
+    template = cfg.model.prompt.template.format(cfg.model.prompt.audio_wrapper + "x")
+    prompts = [template, *cfg.data.prompts.values(), *{ex.prompt for ex in train.examples if ex.prompt}]
+    texts = [ex.text for ex in train.examples] + prompts * 50
+    tokenizer = train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.style)
+    tokenizer.save_pretrained(llm.tokenizer)
+    print(f"trained a {cfg.tokenizer.style} BPE tokenizer ({len(tokenizer)} tokens) → {llm.tokenizer}")
+
+
+def validator(cfg: JobConfig, valid, out_dir: Path):
+    """Decode part of the valid split and score it with the evaluation code (WER, CIDEr-D)."""
+    from evaluation.run import GenerationConfig
+    from evaluation.run import JobConfig as EvalConfig
+    from evaluation.run import quality
+
+    v = cfg.validation
+    eval_cfg = EvalConfig(max_clips_per_task=v.max_clips_per_task, batch_size=v.batch_size,
+                          generation=GenerationConfig(max_new_tokens=v.max_new_tokens))
+
+    def evaluate(model, step: int) -> dict[str, float]:
+        metrics, _, _ = quality(model, valid, eval_cfg, out_dir / f"step_{step:07d}", None)
+        return {f"eval/{k}": float(metrics[k]) for k in ("wer", "cer", "cider_d", "bleu_4") if k in metrics}
+
+    return evaluate
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, force = parse_cli(JobConfig, argv)
+    out_dir = Path(cfg.output_dir)
+    if stage_is_current(cfg, out_dir / "model") and not force:
+        print(f"teacher up to date: {out_dir / 'model'} (use --force to retrain)")
+        return 0
+    seed_everything(cfg.loop.seed)
+    save_resolved(cfg, out_dir)
+    train, valid = load_split(cfg, "train"), load_split(cfg, "valid")
+    ensure_tokenizer(cfg, train)
+    model, _ = build_salmonn(cfg.model)
+    collate = AudioTextCollator(model.tokenizer)
+    sampler = DurationBucketSampler(train.durations, cfg.loop.batch_size, cfg.data.bucket_pool_batches,
+                                    seed=cfg.loop.seed)
+    print(f"padding with bucketing: {sampler.padding_report()}")
+
+    def loss_fn(model, batch):
+        return {"loss": model(batch).loss}
+
+    with MetricLogger(cfg.log_dir, stdout_every=5) as logger:
+        state = fit(model, train, sampler, collate, loss_fn, cfg.loop, cfg.optim, out_dir, logger,
+                    evaluate=validator(cfg, valid, out_dir / "valid"))
+    model_cfg = dataclasses.replace(cfg.model, checkpoint="")
+    save_model_folder(model.cpu().eval(), model_cfg, out_dir / "model", extra={"step": state.step})
+    mark_stage_done(cfg, out_dir / "model")
+    print(f"teacher saved to {out_dir / 'model'} after {state.step} steps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
