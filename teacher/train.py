@@ -86,9 +86,8 @@ def ensure_tokenizer(cfg: JobConfig, train) -> None:
 
 def validator(cfg: JobConfig, valid, out_dir: Path):
     """Decode part of the valid split and score it with the evaluation code (WER, CIDEr-D)."""
-    from evaluation.run import GenerationConfig
+    from evaluation.run import GenerationConfig, quality
     from evaluation.run import JobConfig as EvalConfig
-    from evaluation.run import quality
 
     v = cfg.validation
     eval_cfg = EvalConfig(max_clips_per_task=v.max_clips_per_task, batch_size=v.batch_size,

@@ -39,7 +39,8 @@ def clips(tmp_path):
     audio.mkdir()
     sf.write(audio / "a.wav", tone(1.0), 16000)
     sf.write(audio / "b.flac", tone(0.5), 16000)
-    sf.write(audio / "c.wav", np.stack([tone(0.7, sr=44100), tone(0.7, sr=44100, amp=0.1)], axis=1), 44100)  # stereo, 44.1 kHz
+    stereo = np.stack([tone(0.7, sr=44100), tone(0.7, sr=44100, amp=0.1)], axis=1)
+    sf.write(audio / "c.wav", stereo, 44100)  # stereo, 44.1 kHz
     entries = [
         {"path": "audio/a.wav", "text": "hello world", "task": "asr"},
         {"path": "audio/b.flac", "text": "a tone", "task": "audiocaption", "Q": "What do you hear?"},
@@ -109,7 +110,10 @@ def bad_files(clips):
     return root, entries
 
 
-@pytest.mark.parametrize("bad,reason,message", BAD_ENTRIES, ids=[b[1] + "-" + str(i) for i, b in enumerate(BAD_ENTRIES)])
+BAD_IDS = [b[1] + "-" + str(i) for i, b in enumerate(BAD_ENTRIES)]
+
+
+@pytest.mark.parametrize("bad,reason,message", BAD_ENTRIES, ids=BAD_IDS)
 def test_bad_entry_raises_naming_file_and_entry(bad_files, bad, reason, message):
     root, entries = bad_files
     path = write_json(root / "bad.json", entries + [bad])
@@ -119,7 +123,7 @@ def test_bad_entry_raises_naming_file_and_entry(bad_files, bad, reason, message)
     assert message in str(exc.value) and "bad.json" in str(exc.value) and "3" in str(exc.value)
 
 
-@pytest.mark.parametrize("bad,reason,message", BAD_ENTRIES, ids=[b[1] + "-" + str(i) for i, b in enumerate(BAD_ENTRIES)])
+@pytest.mark.parametrize("bad,reason,message", BAD_ENTRIES, ids=BAD_IDS)
 def test_bad_entry_is_counted_skip(bad_files, bad, reason, message):
     root, entries = bad_files
     ds = scan(write_json(root / "bad.json", entries + [bad]), on_error="skip")
