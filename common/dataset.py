@@ -8,6 +8,7 @@ and the sampler knows every clip's duration.
 from __future__ import annotations
 
 import random
+from math import ceil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -141,7 +142,7 @@ class AudioTextDataset(Dataset):
 class AudioTextCollator:
     """Pads a list of dataset items into a batch.
 
-    Output keys: `mel` [batch, n_mels, frames]; `fbank` [batch, max_frames, 128] with `fbank_padding_mask`
+    Output keys: `mel` [batch, n_mels, frames] and `mel_frames` [batch] (frames holding audio); `fbank` [batch, max_frames, 128] with `fbank_padding_mask`
     [batch, max_frames] (True = padding, BEATs' convention); `texts`, `tasks`, `prompts`, `paths` (lists);
     `index` [batch]. With a tokenizer also `target_ids` [batch, max_len] (target text + end token, right-padded
     with the pad id) and `labels` (the same with -100 at padding, ignored by the loss).
@@ -154,6 +155,8 @@ class AudioTextCollator:
     def __call__(self, items: list[dict]) -> dict:
         batch = {
             "mel": torch.stack([it["mel"] for it in items]),
+            # Mel frames holding audio (10 ms each), for encoders that cut padding away.
+            "mel_frames": torch.tensor([min(it["mel"].shape[-1], ceil(it["duration"] * 100)) for it in items]),
             "texts": [it["text"] for it in items],
             "tasks": [it["task"] for it in items],
             "prompts": [it["prompt"] for it in items],

@@ -37,6 +37,9 @@ class WhisperEncoderConfig:
     num_mel_bins: int = 80
     max_source_positions: int = 1500
     """Output frames; the encoder reads exactly twice as many mel frames (1500 → 30 s)."""
+    pad_to_longest: bool = False
+    """Run the encoder only up to the longest clip of each batch instead of the full chunk. Only for encoders
+    trained that way (the toy teacher); a pretrained Whisper expects its full 30 s."""
     freeze: bool = True
 
 
@@ -250,7 +253,7 @@ def build_salmonn(cfg: SalmonnConfig, load_checkpoint: bool = True):
     llm = build_llm(cfg.llm, tokenizer)
     if cfg.lora.enabled:
         llm = apply_lora(llm, cfg.lora)
-    model = Salmonn(whisper, beats, qformer, llm, tokenizer, cfg.prompt)
+    model = Salmonn(whisper, beats, qformer, llm, tokenizer, cfg.prompt, pad_to_longest=cfg.whisper.pad_to_longest)
     set_trainable(model, cfg)
     report = None
     if cfg.checkpoint and load_checkpoint:

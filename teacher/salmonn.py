@@ -26,6 +26,39 @@ from teacher.qformer import WindowQFormer
 SPEECH_PLACEHOLDER = "<SpeechHere>"
 
 
+def run_whisper_encoder(encoder: nn.Module, mel: torch.Tensor) -> torch.Tensor:
+    """Whisper encoder over `mel` `[batch, n_mels, frames]` → `[batch, frames / 2, d_model]`.
+
+    At the full chunk (2 × max_source_positions frames) this is transformers' own forward. Shorter inputs (a
+    model trained on batches cut to their longest clip, like the toy teacher) take the same layers with the
+    positional table cut to length: HF's forward refuses anything but the full 30 s a pretrained Whisper expects.
+    """
+    if mel.shape[-1] == 2 * encoder.config.max_source_positions:
+        return encoder(mel).last_hidden_state
+    return whisper_any_length(encoder, mel)
+
+
+def whisper_any_length(encoder: nn.Module, mel: torch.Tensor) -> torch.Tensor:
+    """The Whisper encoder's forward with the positional table cut to the input's length (even, ≤ the chunk)."""
+    if mel.shape[-1] % 2 or mel.shape[-1] > 2 * encoder.config.max_source_positions:
+        raise ValueError(f"mel frames must be even and at most {2 * encoder.config.max_source_positions}, "
+                         f"got {mel.shape[-1]}")
+    x = F.gelu(encoder.conv1(mel))
+    x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    x = x + encoder.embed_positions.weight[: x.shape[1]]
+    x = F.dropout(x, p=encoder.dropout, training=encoder.training)
+    for layer in encoder.layers:
+        x = layer(x, None)
+        x = x[0] if isinstance(x, tuple) else x
+    return encoder.layer_norm(x)
+
+
+def crop_mel(batch: dict) -> torch.Tensor:
+    """The batch's mel cut to its longest clip (10 ms frames, rounded up to even), from `mel_frames`."""
+    longest = int(batch["mel_frames"].max())
+    return batch["mel"][..., : longest + longest % 2]
+
+
 @dataclass
 class PromptConfig:
     template: str = "USER: {}\nASSISTANT:"
@@ -67,8 +100,9 @@ class Salmonn(AudioLanguageModel):
     """
 
     def __init__(self, speech_encoder: nn.Module, audio_encoder: nn.Module | None, qformer: WindowQFormer,
-                 llm: nn.Module, tokenizer, prompt: PromptConfig | None = None):
+                 llm: nn.Module, tokenizer, prompt: PromptConfig | None = None, pad_to_longest: bool = False):
         super().__init__()
+        self.pad_to_longest = pad_to_longest
         self.speech_encoder = speech_encoder
         self.ln_speech = nn.LayerNorm(speech_encoder.config.d_model)
         self.audio_encoder = audio_encoder
@@ -104,7 +138,8 @@ class Salmonn(AudioLanguageModel):
         8 per 160 ms, the same average rate as Whisper's 20 ms frames, so index i pairs roughly equal times.
         """
         dtype = next(self.speech_encoder.parameters()).dtype
-        speech = self.speech_encoder(batch["mel"].to(dtype)).last_hidden_state
+        mel = crop_mel(batch) if self.pad_to_longest else batch["mel"]
+        speech = run_whisper_encoder(self.speech_encoder, mel.to(dtype))
         speech = self.ln_speech(speech)
         if self.audio_encoder is None:
             return speech

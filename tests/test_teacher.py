@@ -9,6 +9,7 @@ from teacher.build import CheckpointError, build_salmonn, load_whisper_encoder
 from teacher.checkpoint import load_model_folder, official_to_ours, ours_to_official, save_model_folder
 from teacher.inspect import main as inspect_main
 from teacher.qformer import QFormerConfig, WindowQFormer, num_windows, split_windows
+from teacher.salmonn import crop_mel, run_whisper_encoder, whisper_any_length
 
 torch.set_num_threads(1)
 
@@ -157,3 +158,18 @@ def test_model_folder_roundtrip(official, tmp_path):
         la, _ = model.prefill(a, batch["prompts"])
         lb, _ = again.prefill(b, batch["prompts"])
         torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+
+
+def test_whisper_any_length_matches_hf_and_crops(official):
+    root, _ = official
+    encoder = load_whisper_encoder(root / "whisper").eval()
+    mel = torch.randn(2, 80, 200)
+    with torch.no_grad():
+        torch.testing.assert_close(whisper_any_length(encoder, mel), encoder(mel).last_hidden_state)
+        assert run_whisper_encoder(encoder, mel[..., :120]).shape == (2, 60, 32)
+    with pytest.raises(ValueError, match="must be even"):
+        whisper_any_length(encoder, mel[..., :121])
+    batch = {"mel": mel, "mel_frames": torch.tensor([37, 90])}
+    assert crop_mel(batch).shape[-1] == 90
+    batch["mel_frames"] = torch.tensor([37, 91])
+    assert crop_mel(batch).shape[-1] == 92

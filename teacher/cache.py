@@ -1,0 +1,138 @@
+"""Run the teacher once over a split, teacher-forced on the references, and cache what distillation needs.
+
+    python -m teacher.cache --config configs/toy/cache.yaml [--force] [key=value ...]
+
+Per sample: the target token ids (the teacher's tokenization of the reference plus its end token), a sparse
+next-token distribution at every target position (top-k, or k importance-sampled tokens, see teacher.sparse),
+and the Q-Former outputs `[windows, dim]`. Storage, resume and verification are `teacher.cache_store`'s.
+An interrupted run resumes without recomputing finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from common.config import mark_stage_done, parse_cli, stage_is_current
+from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
+from common.feature_store import with_feature_store
+from common.features import FeatureConfig
+from teacher.build import SalmonnConfig, build_salmonn
+from teacher.cache_store import CachedSample, CacheIdentity, CacheReader, CacheWriter, config_hash, tokenizer_identity
+from teacher.checkpoint import load_model_folder
+from teacher.salmonn import shift_for_next_token
+from teacher.sparse import sampled_sparse, topk_sparse
+
+
+@dataclass
+class JobConfig:
+    """Build the teacher cache for one split."""
+
+    teacher_folder: str = ""
+    """A teacher saved by teacher.train (`.../model`); when empty, `teacher` is built from its config."""
+    teacher: SalmonnConfig = field(default_factory=SalmonnConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    feature_store: str = ""
+    split: Literal["train", "valid", "test"] = "train"
+    mode: Literal["topk", "sampled"] = "topk"
+    k: int = 32
+    """Vocabulary entries kept per target position."""
+    dtype: Literal["float16", "float32"] = "float16"
+    shard_size: int = 512
+    batch_size: int = 16
+    seed: int = 0
+    """Seeds the importance sampling (each shard from seed + shard index, so a resumed run draws the same)."""
+    output_dir: str = "outputs/toy/cache/train"
+
+
+def sample_keys(dataset) -> list[str]:
+    """One key per entry: index, task, audio path and a hash of the reference text (same data → same keys)."""
+    keys = []
+    for i, ex in enumerate(dataset.examples):
+        digest = hashlib.sha1(ex.text.encode()).hexdigest()[:12]
+        keys.append(f"{i:07d}|{ex.task}|{ex.path}|{digest}")
+    return keys
+
+
+def teacher_identity(cfg: JobConfig) -> dict:
+    """Names and sizes/mtimes of the teacher's files: cheap to compute even for 26 GB of weights."""
+    if cfg.teacher_folder:
+        root = Path(cfg.teacher_folder)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "DONE")
+        stamp = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        return {"folder": str(root), "files": hashlib.sha256(repr(stamp).encode()).hexdigest()}
+    return {"config": config_hash(asdict(cfg.teacher))}
+
+
+def cache_identity(cfg: JobConfig, tokenizer) -> CacheIdentity:
+    relevant = {"split": cfg.split, "data": asdict(cfg.data), "features": asdict(cfg.features), "seed": cfg.seed}
+    return CacheIdentity(teacher=teacher_identity(cfg), tokenizer=tokenizer_identity("teacher", tokenizer.get_vocab()),
+                         config_hash=config_hash(relevant), mode=cfg.mode, k=cfg.k, dtype=cfg.dtype)
+
+
+def load_teacher(cfg: JobConfig):
+    if cfg.teacher_folder:
+        return load_model_folder(cfg.teacher_folder)
+    model, report = build_salmonn(cfg.teacher)
+    if report is not None and report.missing_trained:
+        raise SystemExit(f"teacher checkpoint lacks trained keys:\n{report.summary()}")
+    return model.eval()
+
+
+@torch.inference_mode()
+def teacher_outputs(model, batch: dict, cfg: JobConfig, generator: torch.Generator) -> list[CachedSample]:
+    """Teacher-forced pass → one CachedSample per row (targets, sparse distribution, Q-Former outputs)."""
+    out = model(batch)
+    logits, labels = shift_for_next_token(out.logits, out.labels)
+    samples = []
+    for row in range(logits.shape[0]):
+        keep = labels[row] != -100
+        row_logits = logits[row][keep].float()
+        if cfg.mode == "topk":
+            ids, values = topk_sparse(row_logits, cfg.k)
+        else:
+            ids, values = sampled_sparse(row_logits, cfg.k, generator)
+        samples.append(CachedSample(target_ids=labels[row][keep].cpu(), sparse_ids=ids.cpu(),
+                                    sparse_values=values.cpu(), qformer=out.qformer_out[row].float().cpu()))
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, force = parse_cli(JobConfig, argv)
+    out_dir = Path(cfg.output_dir)
+    if stage_is_current(cfg, out_dir) and not force:
+        print(f"teacher cache up to date: {out_dir} (use --force to rebuild)")
+        return 0
+    dataset = AudioTextDataset.scan(getattr(cfg.data, cfg.split), cfg.data, cfg.features, desc=f"scan {cfg.split}")
+    print(f"{cfg.split}: {dataset.report.summary()}")
+    if cfg.feature_store:
+        dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, cfg.split)
+    model = load_teacher(cfg)
+    collate = AudioTextCollator(model.tokenizer)
+    writer = CacheWriter(out_dir, cache_identity(cfg, model.tokenizer), sample_keys(dataset), cfg.shard_size,
+                         force=force)
+    pending = writer.pending_shards()
+    print(f"{len(pending)} of {writer.num_shards} shards to compute")
+    for shard in tqdm(pending, desc="cache shards", unit="shard"):
+        generator = torch.Generator().manual_seed(cfg.seed + shard.index)
+        indices = list(shard.sample_indices)
+        samples = []
+        for start in range(0, len(indices), cfg.batch_size):
+            batch = collate([dataset[i] for i in indices[start : start + cfg.batch_size]])
+            samples.extend(teacher_outputs(model, batch, cfg, generator))
+        writer.write_shard(shard.index, samples)
+    reader = CacheReader(out_dir, expect_teacher=writer.identity.teacher, expect_tokenizer=writer.identity.tokenizer)
+    print(reader.stats().summary())
+    mark_stage_done(cfg, out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

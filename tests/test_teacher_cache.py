@@ -1,0 +1,107 @@
+"""`python -m teacher.cache` on a tiny teacher: what it stores matches the teacher, resume, corruption, modes."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from tiny_salmonn import write_official_layout
+
+from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
+from common.features import FeatureConfig
+from teacher.build import build_salmonn
+from teacher.cache import main as cache_main
+from teacher.cache import sample_keys
+from teacher.cache_store import CacheError, CacheReader
+from teacher.checkpoint import load_model_folder, save_model_folder
+from teacher.salmonn import shift_for_next_token
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    cfg = write_official_layout(root / "official")
+    model, _ = build_salmonn(cfg)
+    save_model_folder(model, cfg, root / "teacher")
+    rng = np.random.default_rng(0)
+    entries = []
+    for i, text in enumerate(["the cat sat", "hello world", "the dog runs on the mat", "a high tone"]):
+        sf.write(root / f"{i}.wav", (0.3 * rng.standard_normal(8000 + 2000 * i)).astype(np.float32), 16000)
+        entries.append({"path": f"{i}.wav", "text": text, "task": "asr" if i < 3 else "audiocaption"})
+    entries.append({"path": "3.wav", "text": "three short beeps", "task": "audiocaption"})
+    (root / "train.json").write_text(json.dumps({"annotation": entries}))
+    return root
+
+
+def args(root, out, *extra):
+    return [f"teacher_folder={root / 'teacher'}", f"data.train=[{root / 'train.json'}]",
+            "features.whisper_chunk_seconds=2", "shard_size=2", "batch_size=2", "k=5", f"output_dir={out}", *extra]
+
+
+def open_reader(root, out, **kw):
+    teacher = load_model_folder(root / "teacher")
+    manifest = json.loads((out / "manifest.json").read_text())
+    return CacheReader(out, expect_teacher=manifest["teacher"], expect_tokenizer=manifest["tokenizer"], **kw), teacher
+
+
+def test_topk_cache_holds_the_teachers_distribution(setup, tmp_path):
+    root = setup
+    out = tmp_path / "topk"
+    assert cache_main(args(root, out)) == 0
+    reader, teacher = open_reader(root, out, expect_mode="topk", expect_k=5)
+    ds = AudioTextDataset.scan([str(root / "train.json")], DataConfig(), FeatureConfig(whisper_chunk_seconds=2))
+    assert reader.keys() == sample_keys(ds) and len(reader) == 5
+    batch = AudioTextCollator(teacher.tokenizer)([ds[2]])
+    with torch.no_grad():
+        out_t = teacher(batch)
+    logits, labels = shift_for_next_token(out_t.logits, out_t.labels)
+    keep = labels[0] != -100
+    probs = logits[0][keep].softmax(-1)
+    cached = reader[2]
+    tok = teacher.tokenizer
+    expected_ids = tok("the dog runs on the mat", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert cached.target_ids.tolist() == expected_ids
+    # The cached rows ran batched with padding, so near-ties may swap order: compare probabilities, not ranks.
+    top = probs.topk(5, dim=-1)
+    torch.testing.assert_close(cached.sparse_values.float(), top.values, atol=1e-3, rtol=1e-2)  # stored in fp16
+    torch.testing.assert_close(probs.gather(-1, cached.sparse_ids), top.values, atol=1e-3, rtol=1e-2)
+    torch.testing.assert_close(cached.qformer.float(), out_t.qformer_out[0], atol=2e-3, rtol=1e-2)
+    assert reader.stats().bytes_per_token > 0
+    assert (out / "DONE").is_file()
+
+
+def test_second_run_skips_and_corruption_is_detected(setup, tmp_path, capsys):
+    root = setup
+    out = tmp_path / "c"
+    cache_main(args(root, out))
+    cache_main(args(root, out))
+    assert "up to date" in capsys.readouterr().out
+    shard = out / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    reader, _ = open_reader(root, out)
+    with pytest.raises(CacheError, match="sha256"):
+        reader[2]
+    # An interrupted or damaged cache is resumed: only the bad shard is recomputed.
+    (out / "DONE").unlink()
+    with pytest.warns(UserWarning):
+        cache_main(args(root, out))
+    assert "1 of 3 shards to compute" in capsys.readouterr().out
+    reader, _ = open_reader(root, out, verify_all=True)
+    assert len(reader) == 5
+
+
+def test_sampled_cache_and_identity_mismatch(setup, tmp_path):
+    root = setup
+    out = tmp_path / "sampled"
+    cache_main(args(root, out, "mode=sampled", "k=8"))
+    reader, _ = open_reader(root, out, expect_mode="sampled", expect_k=8)
+    sample = reader[0]
+    torch.testing.assert_close(sample.sparse_values.float().sum(-1), torch.ones(sample.num_tokens), atol=1e-3,
+                               rtol=0)  # proposal = teacher: every weight is 1/k
+    with pytest.raises(CacheError, match="mode"):
+        open_reader(root, out, expect_mode="topk")
