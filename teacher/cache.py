@@ -11,6 +11,7 @@ An interrupted run resumes without recomputing finished shards.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from common.features import FeatureConfig
 from teacher.build import SalmonnConfig, build_salmonn
 from teacher.cache_store import CachedSample, CacheIdentity, CacheReader, CacheWriter, config_hash, tokenizer_identity
 from teacher.checkpoint import load_model_folder
+from teacher.qformer import num_windows
 from teacher.salmonn import shift_for_next_token
 from teacher.sparse import sampled_sparse, topk_sparse
 
@@ -91,6 +93,7 @@ def teacher_outputs(model, batch: dict, cfg: JobConfig, generator: torch.Generat
     """Teacher-forced pass → one CachedSample per row (targets, sparse distribution, Q-Former outputs)."""
     out = model(batch)
     logits, labels = shift_for_next_token(out.logits, out.labels)
+    windows = own_windows(batch["mel_frames"], model.qformer.cfg, out.qformer_out.shape[1])
     samples = []
     for row in range(logits.shape[0]):
         keep = labels[row] != -100
@@ -100,8 +103,15 @@ def teacher_outputs(model, batch: dict, cfg: JobConfig, generator: torch.Generat
         else:
             ids, values = sampled_sparse(row_logits, cfg.k, generator)
         samples.append(CachedSample(target_ids=labels[row][keep].cpu(), sparse_ids=ids.cpu(),
-                                    sparse_values=values.cpu(), qformer=out.qformer_out[row].float().cpu()))
+                                    sparse_values=values.cpu(),
+                                    qformer=out.qformer_out[row, : windows[row]].float().cpu()))
     return samples
+
+
+def own_windows(mel_frames: torch.Tensor, qformer_cfg, available: int) -> list[int]:
+    """Q-Former windows that cover each clip's own audio (the rest only see padding, and are not cached)."""
+    frames = [math.ceil(int(n) / 2) for n in mel_frames]  # Whisper halves the 10 ms mel frames
+    return [min(available, max(1, num_windows(f, qformer_cfg))) for f in frames]
 
 
 def main(argv: list[str] | None = None) -> int:

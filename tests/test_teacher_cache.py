@@ -68,7 +68,9 @@ def test_topk_cache_holds_the_teachers_distribution(setup, tmp_path):
     top = probs.topk(5, dim=-1)
     torch.testing.assert_close(cached.sparse_values.float(), top.values, atol=1e-3, rtol=1e-2)  # stored in fp16
     torch.testing.assert_close(probs.gather(-1, cached.sparse_ids), top.values, atol=1e-3, rtol=1e-2)
-    torch.testing.assert_close(cached.qformer.float(), out_t.qformer_out[0], atol=2e-3, rtol=1e-2)
+    # 0.75 s of audio = 75 mel frames -> 38 encoder frames -> 2 windows of 17 (the other 3 only see padding)
+    assert out_t.qformer_out.shape[1] == 5 and cached.qformer.shape == (2, 32)
+    torch.testing.assert_close(cached.qformer.float(), out_t.qformer_out[0, :2], atol=2e-3, rtol=1e-2)
     assert reader.stats().bytes_per_token > 0
     assert (out / "DONE").is_file()
 
