@@ -199,7 +199,8 @@ EvalFn = Callable[[nn.Module, int], dict[str, float]]
 
 
 def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: LoopConfig, optim: OptimConfig,
-        out_dir: Path, logger: MetricLogger, evaluate: EvalFn | None = None, accelerator=None) -> TrainState:
+        out_dir: Path, logger: MetricLogger, evaluate: EvalFn | None = None, accelerator=None,
+        before_step: Callable[[nn.Module, int], None] | None = None) -> TrainState:
     """Train `model` for `loop.max_steps` optimizer steps; returns the final TrainState.
 
     Args:
@@ -208,6 +209,8 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
         loss_fn: `(model, batch) -> {"loss": scalar to minimise, "<term>": scalar, ...}`; every entry is logged
             as `train/<name>` (the total as `train/loss`).
         evaluate: called every `eval_every` steps and at the end; returns `eval/...` metrics.
+        before_step: called as `(model, step)` before each optimizer step, e.g. to change which parts train
+            (a function of the step alone, so resuming reproduces it).
         out_dir: checkpoints go to `out_dir/checkpoints/`.
     """
     from accelerate import Accelerator
@@ -234,6 +237,8 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
     window = {"tokens": 0, "time": time.time()}
     while state.step < loop.max_steps:
         model.train()
+        if before_step is not None:
+            before_step(accelerator.unwrap_model(model), state.step)
         terms_sum: dict[str, float] = {}
         for _ in range(loop.grad_accum):
             epoch, index, ids = next(batches)

@@ -63,19 +63,21 @@ def sample_keys(dataset) -> list[str]:
     return keys
 
 
-def teacher_identity(cfg: JobConfig) -> dict:
-    """Names and sizes/mtimes of the teacher's files: cheap to compute even for 26 GB of weights."""
-    if cfg.teacher_folder:
-        root = Path(cfg.teacher_folder)
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "DONE")
+def teacher_identity(teacher_folder: str, teacher_cfg: SalmonnConfig | None = None) -> dict:
+    """Names, sizes and mtimes of the teacher folder's files (cheap even for 26 GB of weights), or the hash of
+    the config that builds the teacher from the official checkpoints."""
+    if teacher_folder:
+        root = Path(teacher_folder)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in ("DONE", "config.yaml"))
         stamp = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
         return {"folder": str(root), "files": hashlib.sha256(repr(stamp).encode()).hexdigest()}
-    return {"config": config_hash(asdict(cfg.teacher))}
+    return {"config": config_hash(asdict(teacher_cfg))}
 
 
 def cache_identity(cfg: JobConfig, tokenizer) -> CacheIdentity:
     relevant = {"split": cfg.split, "data": asdict(cfg.data), "features": asdict(cfg.features), "seed": cfg.seed}
-    return CacheIdentity(teacher=teacher_identity(cfg), tokenizer=tokenizer_identity("teacher", tokenizer.get_vocab()),
+    return CacheIdentity(teacher=teacher_identity(cfg.teacher_folder, cfg.teacher),
+                         tokenizer=tokenizer_identity("teacher", tokenizer.get_vocab()),
                          config_hash=config_hash(relevant), mode=cfg.mode, k=cfg.k, dtype=cfg.dtype)
 
 
