@@ -234,6 +234,15 @@ _ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def _mean_received_attention(probs: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention each key receives, averaged over heads and real queries: `[batch, heads, q, k]` → `[batch, k]`."""
+    if padding_mask is None:
+        return probs.mean(dim=(1, 2))
+    real = (~padding_mask).to(probs.dtype)  # [batch, queries]
+    count = real.sum(dim=1, keepdim=True).clamp(min=1.0) * probs.shape[1]
+    return torch.einsum("bhqk,bq->bk", probs, real) / count
+
+
 class BEATsAttention(nn.Module):
     """Multi-head self-attention with the (optionally gated) relative position bias added to the logits."""
 
@@ -253,6 +262,11 @@ class BEATsAttention(nn.Module):
         if self.gru_rel_pos:
             self.grep_linear = nn.Linear(self.head_dim, 8)
             self.grep_a = nn.Parameter(torch.ones(1, self.num_heads, 1, 1))
+        self.record_received_attention = False
+        """When set, each forward stores `received_attention` (token pruning scores keys by it); off by default."""
+        self.received_attention: torch.Tensor | None = None
+        """`[batch, tokens]` fp32, detached: the attention each key token received in the last forward, averaged
+        over heads and non-padding queries (before dropout). Only written while `record_received_attention`."""
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """`[batch, tokens, dim]` → `[batch, heads, tokens, head_dim]`."""
@@ -291,7 +305,10 @@ class BEATsAttention(nn.Module):
             logits = logits + gate * position_bias.float()
         if padding_mask is not None:
             logits = logits.masked_fill(padding_mask[:, None, None, :], float("-inf"))
-        probs = self.dropout(logits.softmax(dim=-1).to(v.dtype))
+        probs = logits.softmax(dim=-1)
+        if self.record_received_attention:
+            self.received_attention = _mean_received_attention(probs.detach(), padding_mask)
+        probs = self.dropout(probs.to(v.dtype))
         out = (probs @ v).transpose(1, 2).reshape(batch, tokens, dim)
         return self.out_proj(out)
 
