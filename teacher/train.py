@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from common.bpe import train_bpe
 from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig, DurationBucketSampler
@@ -43,6 +47,17 @@ class ValidationConfig:
 
 
 @dataclass
+class CTCConfig:
+    weight: float = 0.0
+    """Weight of an auxiliary character CTC loss on the Whisper encoder's output for ASR clips (0 = off).
+
+    A training aid for encoders trained from scratch (the toy teacher): hybrid CTC/attention training (as in
+    ESPnet) grounds the encoder in the audio far sooner than the LLM's loss alone. The head is dropped at save.
+    """
+    alphabet: str = "abcdefghijklmnopqrstuvwxyz '"
+
+
+@dataclass
 class JobConfig:
     """Train a SALMONN on annotation data."""
 
@@ -56,6 +71,7 @@ class JobConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ctc: CTCConfig = field(default_factory=CTCConfig)
     output_dir: str = "outputs/toy/teacher"
     log_dir: str = "runs/toy-teacher"
 
@@ -82,6 +98,40 @@ def ensure_tokenizer(cfg: JobConfig, train) -> None:
     tokenizer = train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.style)
     tokenizer.save_pretrained(llm.tokenizer)
     print(f"trained a {cfg.tokenizer.style} BPE tokenizer ({len(tokenizer)} tokens) → {llm.tokenizer}")
+
+
+class WithCTC(nn.Module):
+    """A SALMONN plus a character CTC head on its Whisper encoder output (`[batch, frames, d_model]`)."""
+
+    def __init__(self, model, cfg: CTCConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.head = nn.Linear(model.speech_encoder.config.d_model, len(cfg.alphabet) + 1)  # index 0 = blank
+        self.index = {c: i + 1 for i, c in enumerate(cfg.alphabet)}
+        self._speech: list[torch.Tensor] = []  # the encoder's last output only
+        model.speech_encoder.layer_norm.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self._speech[:] = [output]
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = self.model(batch)
+        terms = {"llm": out.loss}
+        rows = [i for i, task in enumerate(batch["tasks"]) if task == "asr"]
+        if rows and self.cfg.weight:
+            terms["ctc"] = self.ctc_loss(self._speech[-1], batch, rows)
+            terms["loss"] = out.loss + self.cfg.weight * terms["ctc"]
+        else:
+            terms["loss"] = out.loss
+        return terms
+
+    def ctc_loss(self, speech: torch.Tensor, batch: dict, rows: list[int]) -> torch.Tensor:
+        targets = [torch.tensor([self.index[c] for c in batch["texts"][i].lower() if c in self.index]) for i in rows]
+        frames = torch.clamp((batch["mel_frames"][rows] + 1) // 2, max=speech.shape[1])
+        log_probs = self.head(speech[rows]).float().log_softmax(-1).transpose(0, 1)  # [frames, rows, classes]
+        return F.ctc_loss(log_probs, torch.cat(targets), frames, torch.tensor([len(t) for t in targets]),
+                          zero_infinity=True)
 
 
 def validator(cfg: JobConfig, valid, out_dir: Path):
@@ -116,12 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                                     seed=cfg.loop.seed)
     print(f"padding with bucketing: {sampler.padding_report()}")
 
-    def loss_fn(model, batch):
-        return {"loss": model(batch).loss}
-
+    trainer = WithCTC(model, cfg.ctc)
+    evaluate = validator(cfg, valid, out_dir / "valid")
     with MetricLogger(cfg.log_dir, stdout_every=5) as logger:
-        state = fit(model, train, sampler, collate, loss_fn, cfg.loop, cfg.optim, out_dir, logger,
-                    evaluate=validator(cfg, valid, out_dir / "valid"))
+        state = fit(trainer, train, sampler, collate, lambda m, batch: m(batch), cfg.loop, cfg.optim, out_dir,
+                    logger, evaluate=lambda m, step: evaluate(m.model, step))
     model_cfg = dataclasses.replace(cfg.model, checkpoint="")
     save_model_folder(model.cpu().eval(), model_cfg, out_dir / "model", extra={"step": state.step})
     mark_stage_done(cfg, out_dir / "model")

@@ -1,0 +1,373 @@
+"""The distillation recipe: a student learns from the teacher's logits and Q-Former features.
+
+    python -m distill.train --config configs/toy/distill.yaml [key=value ...]
+
+setup: data (the same split and keys as the teacher cache), the teacher (its cache, or the model itself when
+`kd.teacher=online`), the student (built from the teacher, or `init_from` an existing student, e.g. a pruned
+one for recovery), and the KD terms → fit (the shared loop) → the student saved in the official layouts.
+
+loss = w_ce · CE + w_kd · logit KD + w_feat · Q-Former feature KD (+ w_hidden · Whisper hidden-state KD, online)
+
+Logit KD compares the student's distribution at each answer token with the teacher's: on the same positions
+when both share a tokenizer, and at the one-to-one aligned positions otherwise (`distill.cross_tokenizer`).
+Every term is logged apart (`train/ce`, `train/kd`, `train/feature`, ...).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from common.config import from_dict, mark_stage_done, parse_cli, read_yaml, save_resolved, stage_is_current
+from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler
+from common.features import FeatureConfig
+from common.tracking import MetricLogger
+from common.training import LoopConfig, OptimConfig, fit, seed_everything
+from distill.cross_tokenizer import VocabMap, align_spans, cross_tokenizer_kd, vocab_overlap
+from distill.feature_kd import FeatureKD, HiddenStateKD
+from distill.losses import KINDS, SparseTeacher, logit_kd
+from student.build import (
+    StudentConfig,
+    build_student,
+    ensure_student_tokenizer,
+    load_student_folder,
+    save_student_folder,
+)
+from teacher.build import LLMConfig, SalmonnConfig, load_tokenizer
+from teacher.cache import sample_keys, teacher_identity
+from teacher.cache_store import CacheReader, tokenizer_identity
+from teacher.checkpoint import load_model_folder
+from teacher.salmonn import Salmonn, shift_for_next_token
+from teacher.train import ValidationConfig, load_split, validator
+
+
+@dataclass
+class KDConfig:
+    teacher: Literal["cache", "online"] = "cache"
+    """cache: read the teacher cache (no teacher at training time); online: run the frozen teacher each step."""
+    cache_dir: str = ""
+    """The teacher cache of the train split (built by teacher.cache with the same data config)."""
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0
+    """Weight of the logit KD term (0 trains with CE only)."""
+    loss: str = "forward_kl"
+    """One of forward_kl, reverse_kl, generalized_jsd, skew_forward_kl, skew_reverse_kl."""
+    temperature: float = 1.0
+    scale_by_t2: bool = False
+    beta: float = 0.5
+    """generalized_jsd's mixture weight."""
+    alpha: float = 0.1
+    """skew KLs' mixture weight."""
+    chunk_size: int = 0
+    """Positions per chunk of the KD loss (0 = all at once); keeps a 256k vocabulary in memory."""
+    uld_weight: float = 0.0
+    """Across tokenizers: weight of ULD on the full sorted distributions at aligned positions."""
+    feature_weight: float = 0.0
+    """Q-Former output KD (MSE + cosine per window)."""
+    hidden_weight: float = 0.0
+    """Whisper hidden-state KD (L1 + cosine) from the teacher layers the student's layers came from; online only."""
+
+
+@dataclass
+class TrainingStage:
+    until_step: int = 0
+    """This stage lasts until this optimizer step (exclusive); the last stage runs to the end."""
+    train: list[str] = field(default_factory=lambda: ["all"])
+    """Parts that train: any of speech_encoder, audio_encoder, qformer, projector, llm, lora, all."""
+
+
+@dataclass
+class JobConfig:
+    """Distil a student from a SALMONN teacher."""
+
+    teacher_folder: str = "outputs/toy/teacher/model"
+    student: StudentConfig = field(default_factory=StudentConfig)
+    init_from: str = ""
+    """Start from this saved student (e.g. a pruned one) instead of building one from the teacher."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    stages: list[TrainingStage] = field(default_factory=list)
+    """Optional schedule of which parts train when (empty: everything trainable trains throughout)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    feature_store: str = ""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    output_dir: str = "outputs/toy/student"
+    log_dir: str = "runs/toy/student"
+
+
+PART_PREFIXES = {"speech_encoder": ("speech_encoder.",), "audio_encoder": ("audio_encoder.",),
+                 "qformer": ("qformer.", "ln_speech.", "ln_audio."), "projector": ("projector.",), "llm": ("llm.",)}
+
+
+def answer_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows that predict each answer token, left-aligned: `[batch, L, vocab]` and a `[batch, L]` mask.
+
+    `logits`/`labels` are already shifted (row t predicts label t); row j of the output predicts answer token j.
+    """
+    keep = labels != -100
+    counts = keep.sum(1)
+    length = int(counts.max()) if counts.numel() else 0
+    out = logits.new_zeros(logits.shape[0], length, logits.shape[-1])
+    mask = torch.zeros(logits.shape[0], length, dtype=torch.bool, device=logits.device)
+    for i in range(logits.shape[0]):
+        n = int(counts[i])
+        out[i, :n] = logits[i][keep[i]]
+        mask[i, :n] = True
+    return out, mask
+
+
+def pad_sparse(samples, device, mode: str) -> SparseTeacher:
+    """Cached per-sample `[T_i, k]` ids/values → a padded SparseTeacher `[batch, T, k]` (value 0 = padding)."""
+    length = max(s.sparse_ids.shape[0] for s in samples)
+    k = samples[0].sparse_ids.shape[1]
+    ids = torch.zeros(len(samples), length, k, dtype=torch.long)
+    values = torch.zeros(len(samples), length, k)
+    for i, s in enumerate(samples):
+        ids[i, : s.sparse_ids.shape[0]] = s.sparse_ids
+        values[i, : s.sparse_ids.shape[0]] = s.sparse_values.float()
+    return SparseTeacher(ids.to(device), values.to(device), mode)
+
+
+def pad_windows(features: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(f.shape[0] for f in features)
+    out = torch.zeros(len(features), length, features[0].shape[-1])
+    mask = torch.zeros(len(features), length, dtype=torch.bool)
+    for i, f in enumerate(features):
+        out[i, : f.shape[0]] = f.float()
+        mask[i, : f.shape[0]] = True
+    return out.to(device), mask.to(device)
+
+
+class Distiller(nn.Module):
+    """The student plus the trainable parts of the KD terms (feature maps); `forward(batch)` → loss terms."""
+
+    def __init__(self, student: Salmonn, cfg: KDConfig, teacher_tokenizer, teacher: Salmonn | None = None,
+                 cache: CacheReader | None = None, keys: list[str] | None = None, teacher_qformer_dim: int = 0,
+                 hidden_pairs: list[tuple[int, int]] | None = None):
+        super().__init__()
+        self.student = student
+        self.cfg = cfg
+        self.teacher_tokenizer = teacher_tokenizer
+        self._teacher = [teacher]  # a list keeps the frozen teacher out of this module's parameters and state
+        self.cache, self.keys = cache, keys
+        same = teacher_tokenizer.get_vocab() == student.tokenizer.get_vocab()
+        self.vocab_map = None if same else VocabMap.build(teacher_tokenizer, student.tokenizer)
+        self.feature_kd = (FeatureKD(student.qformer.cfg.hidden_size, teacher_qformer_dim)
+                           if cfg.feature_weight else None)
+        width = student.speech_encoder.config.d_model
+        self.hidden_kd = (HiddenStateKD(hidden_pairs, width, teacher.speech_encoder.config.d_model)
+                          if cfg.hidden_weight else None)
+
+    @property
+    def teacher(self) -> Salmonn | None:
+        return self._teacher[0]
+
+    def teacher_side(self, batch: dict):
+        """(teacher answer distributions: dense [B, Lt, Vt] or SparseTeacher, Q-Former outputs per sample)."""
+        if self.cfg.teacher == "cache":
+            samples = [self.cache[self.keys[int(i)]] for i in batch["index"]]
+            device = batch["mel"].device
+            return pad_sparse(samples, device, self.cache.manifest["mode"]), [s.qformer for s in samples]
+        device = batch["mel"].device
+        if self.teacher.device != device:
+            self.teacher.to(device)
+        collate = AudioTextCollator(self.teacher_tokenizer)
+        t_batch = dict(batch)
+        t_batch["target_ids"], t_batch["labels"] = (x.to(device) for x in collate.tokenize_targets(batch["texts"]))
+        with torch.no_grad():
+            out = self.teacher(t_batch)
+        logits, labels = shift_for_next_token(out.logits, out.labels)
+        rows, mask = answer_rows(logits.float(), labels)
+        windows = [out.qformer_out[i] for i in range(out.qformer_out.shape[0])]
+        return rows, windows
+
+    def logit_term(self, rows, mask, teacher, texts) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        chunk = c.chunk_size or None
+        if self.vocab_map is None:
+            length = teacher.ids.shape[1] if isinstance(teacher, SparseTeacher) else teacher.shape[1]
+            if length != rows.shape[1]:
+                raise RuntimeError("teacher and student targets differ in length although they share a tokenizer; "
+                                   "was the cache built from the same data and tokenizer?")
+            kd = logit_kd(c.loss, rows, teacher, mask, c.temperature, beta=c.beta, alpha=c.alpha,
+                          scale_by_t2=c.scale_by_t2, chunk_size=chunk)
+            return {"kd": kd}
+        alignments = [align_spans(t, self.teacher_tokenizer, self.student.tokenizer, with_eos=True) for t in texts]
+        out = cross_tokenizer_kd(rows, teacher, alignments, self.vocab_map, c.loss, c.temperature, c.uld_weight,
+                                 beta=c.beta, alpha=c.alpha, scale_by_t2=c.scale_by_t2, chunk_size=chunk,
+                                 student_mask=mask)
+        return {"kd": out["loss"], "kd_divergence": out["kd"].detach(), "uld": out["uld"].detach(),
+                "aligned_fraction": torch.tensor(out["aligned_fraction"]),
+                "carried_mass": torch.tensor(out["carried_mass"])}
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        hidden = _capture_hidden(self.student) if self.hidden_kd is not None else None
+        out = self.student(batch)
+        terms = {"ce": out.loss}
+        loss = c.ce_weight * out.loss
+        if c.kd_weight or c.feature_weight:
+            teacher_rows, teacher_windows = self.teacher_side(batch)
+        if c.kd_weight:
+            logits, labels = shift_for_next_token(out.logits, out.labels)
+            rows, mask = answer_rows(logits, labels)
+            kd_terms = self.logit_term(rows, mask, teacher_rows, batch["texts"])
+            terms.update(kd_terms)
+            loss = loss + c.kd_weight * kd_terms["kd"]
+        if c.feature_weight:
+            target, mask = pad_windows(teacher_windows, out.qformer_out.device)
+            width = min(target.shape[1], out.qformer_out.shape[1])
+            feat = self.feature_kd(out.qformer_out[:, :width], target[:, :width], mask[:, :width])
+            terms.update(feature=feat["loss"], feature_mse=feat["mse"].detach(), feature_cos=feat["cos"].detach())
+            loss = loss + c.feature_weight * feat["loss"]
+        if self.hidden_kd is not None:
+            teacher_hidden = _capture_hidden(self.teacher)
+            with torch.no_grad():
+                self.teacher.join_encoders(batch)
+            student_states, teacher_states = hidden.pop(), teacher_hidden.pop()
+            length = min(student_states[0].shape[1], teacher_states[0].shape[1])
+            h = self.hidden_kd([s[:, :length] for s in student_states], [t[:, :length] for t in teacher_states])
+            terms["hidden"] = h["loss"]
+            loss = loss + c.hidden_weight * h["loss"]
+        terms["loss"] = loss
+        return terms
+
+
+class _capture_hidden:  # noqa: N801 (used like a function)
+    """Records a Whisper encoder's hidden states (input of layer 0, then each layer's output) on its next run."""
+
+    def __init__(self, model: Salmonn):
+        self.states: list[torch.Tensor] = []
+        encoder = model.speech_encoder
+        self.handles = [encoder.layers[0].register_forward_pre_hook(self._pre)]
+        self.handles += [layer.register_forward_hook(self._post) for layer in encoder.layers]
+
+    def _pre(self, module, args):
+        self.states.append(args[0])
+
+    def _post(self, module, args, output):
+        self.states.append(output[0] if isinstance(output, tuple) else output)
+
+    def pop(self) -> list[torch.Tensor]:
+        for handle in self.handles:
+            handle.remove()
+        return self.states
+
+
+def stage_setter(model: Salmonn, stages: list[TrainingStage]):
+    """A callback `(step) -> None` that sets which parameters train at each step (None without stages)."""
+    if not stages:
+        return None
+    base = {n for n, p in model.named_parameters() if p.requires_grad}
+    bounds = sorted(stages, key=lambda s: s.until_step)
+
+    def apply(step: int) -> None:
+        stage = next((s for s in bounds if step < s.until_step), bounds[-1])
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in base and _in_parts(name, stage.train))
+
+    return apply
+
+
+def _in_parts(name: str, parts: list[str]) -> bool:
+    if "all" in parts:
+        return True
+    if "lora" in parts and ".lora_" in name:
+        return True
+    return any(name.startswith(prefix) for part in parts for prefix in PART_PREFIXES.get(part, ()))
+
+
+def teacher_tokenizer_of(folder: str | Path):
+    return load_tokenizer(LLMConfig(path=str(Path(folder) / "llm")))
+
+
+def build(cfg: JobConfig, train) -> tuple[Distiller, SalmonnConfig]:
+    """The student (new from the teacher, or loaded) wrapped with its KD terms and teacher side."""
+    t_tok = teacher_tokenizer_of(cfg.teacher_folder)
+    if cfg.init_from:
+        student = load_student_folder(cfg.init_from)
+        student_cfg = from_dict(SalmonnConfig, read_yaml(Path(cfg.init_from) / "salmonn.yaml"))
+        layers = list(range(student.speech_encoder.config.encoder_layers))
+    else:
+        ensure_student_tokenizer(cfg.student, [ex.text for ex in train.examples] + _prompt_texts(cfg))
+        student, student_cfg = build_student(cfg.student, cfg.teacher_folder)
+        layers = student.whisper_layers_from_teacher
+    teacher = cache = None
+    if cfg.kd.teacher == "online" or cfg.kd.hidden_weight:
+        teacher = load_model_folder(cfg.teacher_folder).requires_grad_(False)
+    if cfg.kd.teacher == "cache" and (cfg.kd.kd_weight or cfg.kd.feature_weight):
+        identity = teacher_identity(cfg.teacher_folder)
+        cache = CacheReader(cfg.kd.cache_dir, expect_teacher=identity,
+                            expect_tokenizer=tokenizer_identity("teacher", t_tok.get_vocab()))
+        missing = [k for k in sample_keys(train) if k not in cache]
+        if missing:
+            raise SystemExit(f"{cfg.kd.cache_dir}: the cache lacks {len(missing)} of this training split's samples "
+                             f"(e.g. {missing[0]}); build it with the same data config (python -m teacher.cache)")
+    t_dim = cache.manifest["qformer_dim"] if cache is not None else (teacher.qformer.cfg.hidden_size if teacher else 0)
+    pairs = [(j + 1, i + 1) for j, i in enumerate(layers)]  # hidden_states index 0 = the embeddings
+    distiller = Distiller(student, cfg.kd, t_tok, teacher, cache, sample_keys(train), t_dim, pairs)
+    return distiller, student_cfg
+
+
+def _prompt_texts(cfg: JobConfig) -> list[str]:
+    template = cfg.student.prompt.template.format(cfg.student.prompt.audio_wrapper + "x")
+    return [template, *cfg.data.prompts.values()] * 50
+
+
+def report_tokenizers(distiller: Distiller, train) -> dict[str, float]:
+    """Vocabulary overlap and the fraction of student answer tokens that align one-to-one with the teacher's."""
+    if distiller.vocab_map is None:
+        return {"same_tokenizer": 1.0}
+    from distill.cross_tokenizer import aligned_fraction
+
+    texts = [ex.text for ex in train.examples[:500]]
+    frac = aligned_fraction(texts, distiller.teacher_tokenizer, distiller.student.tokenizer)
+    overlap = vocab_overlap(distiller.vocab_map)
+    return {"vocab_overlap_teacher": overlap["teacher"], "vocab_overlap_student": overlap["student"],
+            "aligned_fraction_student": frac["student"], "aligned_fraction_teacher": frac["teacher"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, force = parse_cli(JobConfig, argv)
+    if cfg.kd.loss not in KINDS:
+        raise SystemExit(f"config error: kd.loss must be one of {KINDS}, got {cfg.kd.loss!r}")
+    out_dir = Path(cfg.output_dir)
+    if stage_is_current(cfg, out_dir / "model") and not force:
+        print(f"student up to date: {out_dir / 'model'} (use --force to retrain)")
+        return 0
+    seed_everything(cfg.loop.seed)
+    save_resolved(cfg, out_dir)
+    train, valid = load_split(cfg, "train"), load_split(cfg, "valid")
+    distiller, student_cfg = build(cfg, train)
+    tokenizers = report_tokenizers(distiller, train)
+    print(f"tokenizers: {tokenizers}")
+    collate = AudioTextCollator(distiller.student.tokenizer)
+    sampler = DurationBucketSampler(train.durations, cfg.loop.batch_size, cfg.data.bucket_pool_batches,
+                                    seed=cfg.loop.seed)
+    evaluate = validator(cfg, valid, out_dir / "valid")
+    with MetricLogger(cfg.log_dir, stdout_every=5) as logger:
+        logger.log(0, {f"data/{k}": v for k, v in tokenizers.items()})
+        state = fit(distiller, train, sampler, collate, lambda model, batch: model(batch), cfg.loop, cfg.optim,
+                    out_dir, logger, evaluate=lambda model, step: evaluate(model.student, step),
+                    before_step=_stage_hook(distiller, cfg.stages))
+    student = distiller.student.cpu().eval()
+    save_student_folder(student, student_cfg, out_dir / "model", extra={"step": state.step})
+    mark_stage_done(cfg, out_dir / "model")
+    print(f"student saved to {out_dir / 'model'} after {state.step} steps")
+    return 0
+
+
+def _stage_hook(distiller: Distiller, stages: list[TrainingStage]):
+    setter = stage_setter(distiller.student, stages)
+    return None if setter is None else (lambda model, step: setter(step))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

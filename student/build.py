@@ -1,0 +1,167 @@
+"""Build the student from a config and from the teacher.
+
+The student has SALMONN's shape with smaller parts:
+- a Whisper encoder distilled by keeping maximally spaced teacher layers (distil-whisper's rule: evenly spaced
+  indices from first to last, the last one kept) plus the teacher's conv stem, positions and final norm;
+- the teacher's BEATs with token pruning (`student.token_pruning`);
+- the teacher's Q-Former and encoder layer norms;
+- a Gemma-2 LLM (a local HF folder at real scale; a fresh toy Gemma-2 with its own byte-level BPE on the toy
+  benchmark, so distillation crosses tokenizers as Vicuna → Gemma does), and a new projection to its width.
+
+It is a `teacher.salmonn.Salmonn` over those parts, so it implements the evaluation interface and saves in the
+same official layouts (plus `token_pruning.yaml`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from transformers import WhisperConfig
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from common.bpe import train_bpe
+from common.config import from_dict, read_yaml, to_dict
+from student.token_pruning import PrunedBEATs, TokenPruningConfig
+from teacher.build import (
+    LLMConfig,
+    LoraSpec,
+    SalmonnConfig,
+    WhisperEncoderConfig,
+    apply_lora,
+    build_llm,
+    load_tokenizer,
+)
+from teacher.checkpoint import load_model_folder, save_model_folder
+from teacher.salmonn import PromptConfig, Salmonn
+
+PRUNING_FILE = "token_pruning.yaml"
+
+
+@dataclass
+class StudentTokenizerConfig:
+    vocab_size: int = 800
+    style: str = "bytelevel"
+    """bytelevel (`Ġ` markers, like the toy student's Gemma stand-in) or llama (`▁`)."""
+
+
+@dataclass
+class StudentConfig:
+    """The student's shape and where its parts come from."""
+
+    whisper_layers: int = 2
+    """Teacher Whisper layers kept (maximally spaced, last included)."""
+    token_pruning: TokenPruningConfig = field(default_factory=TokenPruningConfig)
+    llm: LLMConfig = field(default_factory=lambda: LLMConfig(architecture="gemma2", tie_word_embeddings=True))
+    tokenizer: StudentTokenizerConfig = field(default_factory=StudentTokenizerConfig)
+    """Used for a fresh LLM whose `llm.tokenizer` folder does not exist yet (trained on the training texts)."""
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(enabled=False))
+    freeze_whisper: bool = False
+    freeze_beats: bool = False
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+
+def select_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """distil-whisper's choice: evenly spaced teacher layer indices from the first to the last (inclusive)."""
+    if not 1 <= student_layers <= teacher_layers:
+        raise ValueError(f"student_layers must be in [1, {teacher_layers}], got {student_layers}")
+    if student_layers == 1:
+        return [teacher_layers - 1]
+    return [int(i) for i in np.linspace(0, teacher_layers - 1, student_layers, dtype=int)]
+
+
+def distill_whisper_encoder(teacher: WhisperEncoder, layers: list[int]) -> WhisperEncoder:
+    """A Whisper encoder with the teacher's conv stem, positions and final norm and the chosen layers' weights."""
+    config = copy.deepcopy(teacher.config)
+    config.encoder_layers = len(layers)
+    student = WhisperEncoder(WhisperConfig.from_dict(config.to_dict()))
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("layers.")}
+    for new, old in enumerate(layers):
+        prefix = f"layers.{old}."
+        state.update({f"layers.{new}.{k[len(prefix):]}": v for k, v in teacher.state_dict().items()
+                      if k.startswith(prefix)})
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def ensure_student_tokenizer(cfg: StudentConfig, texts: list[str]) -> None:
+    """Train and save the fresh student LLM's BPE (on the training texts and the prompt strings) if missing."""
+    llm = cfg.llm
+    if llm.path or (llm.tokenizer and Path(llm.tokenizer, "tokenizer.json").is_file()):
+        return
+    if not llm.tokenizer:
+        raise SystemExit("config error: student.llm.tokenizer must name a folder for the fresh LLM's tokenizer")
+    train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.style).save_pretrained(llm.tokenizer)
+
+
+def student_salmonn_config(cfg: StudentConfig, teacher_cfg: SalmonnConfig, whisper: WhisperEncoder) -> SalmonnConfig:
+    """The SalmonnConfig describing the student (paths are filled in when it is saved)."""
+    w = whisper.config
+    return SalmonnConfig(
+        whisper=WhisperEncoderConfig(d_model=w.d_model, encoder_layers=w.encoder_layers,
+                                     encoder_attention_heads=w.encoder_attention_heads,
+                                     encoder_ffn_dim=w.encoder_ffn_dim,
+                                     num_mel_bins=w.num_mel_bins, max_source_positions=w.max_source_positions,
+                                     pad_to_longest=teacher_cfg.whisper.pad_to_longest, freeze=cfg.freeze_whisper),
+        beats=dataclasses.replace(teacher_cfg.beats, path="", freeze=cfg.freeze_beats),
+        qformer=teacher_cfg.qformer, llm=cfg.llm, lora=cfg.lora, prompt=cfg.prompt,
+    )
+
+
+def build_student(cfg: StudentConfig, teacher_folder: str | Path) -> tuple[Salmonn, SalmonnConfig]:
+    """The student initialised from the teacher saved in `teacher_folder`; returns (model, its SalmonnConfig)."""
+    teacher = load_model_folder(teacher_folder)
+    teacher_cfg = from_dict(SalmonnConfig, read_yaml(Path(teacher_folder) / "salmonn.yaml"))
+    layers = select_layers(teacher.speech_encoder.config.encoder_layers, cfg.whisper_layers)
+    whisper = distill_whisper_encoder(teacher.speech_encoder, layers)
+    beats = None
+    if teacher.audio_encoder is not None:
+        beats = PrunedBEATs.from_beats(copy.deepcopy(teacher.audio_encoder), cfg.token_pruning)
+    tokenizer = load_tokenizer(cfg.llm)
+    llm = build_llm(cfg.llm, tokenizer)
+    if cfg.lora.enabled:
+        llm = apply_lora(llm, cfg.lora)
+    model = Salmonn(whisper, beats, copy.deepcopy(teacher.qformer), llm, tokenizer, cfg.prompt,
+                    pad_to_longest=teacher.pad_to_longest)
+    model.ln_speech.load_state_dict(teacher.ln_speech.state_dict())
+    if beats is not None:
+        model.ln_audio.load_state_dict(teacher.ln_audio.state_dict())
+    model.speech_encoder.requires_grad_(not cfg.freeze_whisper)
+    if beats is not None:
+        model.audio_encoder.requires_grad_(not cfg.freeze_beats)
+    if not cfg.lora.enabled:
+        model.llm.requires_grad_(not cfg.llm.freeze)
+    model.whisper_layers_from_teacher = layers
+    return model, student_salmonn_config(cfg, teacher_cfg, whisper)
+
+
+def save_student_folder(model: Salmonn, salmonn_cfg: SalmonnConfig, out_dir: str | Path,
+                        extra: dict | None = None) -> Path:
+    """The teacher's layout (whisper/, beats.pt, llm/, salmonn.pth, salmonn.yaml) plus token_pruning.yaml."""
+    out = Path(out_dir)
+    save_model_folder(model, salmonn_cfg, out, extra)  # PrunedBEATs saves as a plain official BEATs checkpoint
+    beats = model.audio_encoder
+    if isinstance(beats, PrunedBEATs):
+        (out / PRUNING_FILE).write_text(yaml.safe_dump(to_dict(beats.pruning_config), sort_keys=False))
+    return out
+
+
+def load_student_folder(folder: str | Path) -> Salmonn:
+    """Load a student saved by `save_student_folder` (an evaluation loader: `student.build:load_student_folder`)."""
+    folder = Path(folder)
+    model = load_model_folder(folder)
+    if (folder / PRUNING_FILE).is_file() and model.audio_encoder is not None:
+        pruning = from_dict(TokenPruningConfig, read_yaml(folder / PRUNING_FILE), str(folder / PRUNING_FILE))
+        model.audio_encoder = PrunedBEATs.from_beats(model.audio_encoder, pruning)
+    return model.eval()
+
+
+def describe_student(model: Salmonn, teacher: Salmonn) -> dict[str, float]:
+    """Parameter counts of student and teacher, and the student's fraction."""
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    return {"student_params": count(model), "teacher_params": count(teacher),
+            "fraction": count(model) / max(1, count(teacher))}

@@ -1,0 +1,105 @@
+"""The distill recipe end to end on tiny models: cached and online teacher, across tokenizers, every term logged."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from tiny_salmonn import write_official_layout
+
+from common.tracking import read_metrics
+from distill.train import TrainingStage, answer_rows, stage_setter
+from distill.train import main as distill_main
+from student.build import load_student_folder
+from teacher.build import build_salmonn
+from teacher.cache import main as cache_main
+from teacher.checkpoint import save_model_folder
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    cfg = write_official_layout(root / "official")
+    model, _ = build_salmonn(cfg)
+    save_model_folder(model, cfg, root / "teacher")
+    rng = np.random.default_rng(0)
+    entries = []
+    texts = ["the cat sat on the mat", "hello world", "the dog runs", "a high tone followed by three short beeps"]
+    for i, text in enumerate(texts * 2):
+        sf.write(root / f"{i}.wav", (0.3 * rng.standard_normal(8000 + 1000 * i)).astype(np.float32), 16000)
+        entries.append({"path": f"{i}.wav", "text": text, "task": "asr" if i % 4 < 3 else "audiocaption"})
+    (root / "train.json").write_text(json.dumps({"annotation": entries}))
+    (root / "valid.json").write_text(json.dumps({"annotation": entries[:4]}))
+    common = [f"data.train=[{root / 'train.json'}]", "features.whisper_chunk_seconds=2"]
+    cache_main([f"teacher_folder={root / 'teacher'}", *common, "shard_size=4", "k=8", f"output_dir={root / 'cache'}"])
+    return root
+
+
+def recipe_args(root, out, *extra):
+    return [
+        f"teacher_folder={root / 'teacher'}", f"kd.cache_dir={root / 'cache'}",
+        f"data.train=[{root / 'train.json'}]", f"data.valid=[{root / 'valid.json'}]",
+        "features.whisper_chunk_seconds=2", "student.whisper_layers=1", "student.token_pruning.keep_ratio=0.5",
+        "student.token_pruning.prune_after_layers=[0]", f"student.llm.tokenizer={root / 'student_tok'}",
+        "student.llm.hidden_size=24", "student.llm.intermediate_size=48", "student.llm.num_hidden_layers=1",
+        "student.llm.num_attention_heads=2", "student.llm.num_key_value_heads=1", "student.llm.head_dim=12",
+        "student.llm.freeze=false", "student.tokenizer.vocab_size=150",
+        "loop.max_steps=4", "loop.batch_size=4", "loop.log_every=1", "loop.eval_every=4", "loop.save_every=4",
+        "optim.warmup_steps=1", "validation.max_clips_per_task=2", "validation.max_new_tokens=3",
+        f"output_dir={out}", f"log_dir={out / 'runs'}", *extra,
+    ]
+
+
+def test_cached_cross_tokenizer_kd_with_feature_kd(setup, tmp_path):
+    root = setup
+    assert distill_main(recipe_args(root, tmp_path, "kd.feature_weight=1.0", "kd.uld_weight=0.1")) == 0
+    records = read_metrics(tmp_path / "runs")
+    steps = [r for r in records if "train/loss" in r]
+    assert len(steps) == 4
+    for r in steps:
+        assert {"train/ce", "train/kd", "train/feature", "train/uld", "train/aligned_fraction"} <= set(r)
+        assert r["train/kd"] > 0 and 0 < r["train/aligned_fraction"] <= 1
+        expected = r["train/ce"] + r["train/kd"] + r["train/feature"]
+        assert r["train/loss"] == pytest.approx(expected, rel=1e-4)
+    tokenizer_report = next(r for r in records if "data/vocab_overlap_teacher" in r)
+    assert 0 < tokenizer_report["data/vocab_overlap_student"] <= 1
+    assert any("eval/wer" in r for r in records)
+    student = load_student_folder(tmp_path / "model")
+    assert student.speech_encoder.config.encoder_layers == 1
+
+
+def test_ce_only_and_online_teacher_with_hidden_kd(setup, tmp_path):
+    root = setup
+    assert distill_main(recipe_args(root, tmp_path / "ce", "kd.kd_weight=0", "loop.max_steps=2")) == 0
+    ce = [r for r in read_metrics(tmp_path / "ce" / "runs") if "train/loss" in r]
+    assert "train/kd" not in ce[0] and ce[0]["train/loss"] == pytest.approx(ce[0]["train/ce"])
+    args = recipe_args(root, tmp_path / "online", "kd.teacher=online", "kd.loss=generalized_jsd",
+                       "kd.hidden_weight=0.5", "kd.feature_weight=0.5", "loop.max_steps=2")
+    assert distill_main(args) == 0
+    online = [r for r in read_metrics(tmp_path / "online" / "runs") if "train/loss" in r]
+    assert {"train/kd", "train/hidden", "train/feature"} <= set(online[0])
+
+
+def test_answer_rows_left_aligns_targets():
+    logits = torch.arange(2 * 5 * 3, dtype=torch.float).reshape(2, 5, 3)
+    labels = torch.tensor([[-100, -100, 4, 5, -100], [-100, 1, 2, 3, -100]])
+    rows, mask = answer_rows(logits, labels)
+    assert mask.tolist() == [[True, True, False], [True, True, True]]
+    torch.testing.assert_close(rows[0, :2], logits[0, 2:4])
+    torch.testing.assert_close(rows[1], logits[1, 1:4])
+
+
+def test_training_stages_switch_parts():
+    model = torch.nn.Module()
+    model.qformer = torch.nn.Linear(2, 2)
+    model.llm = torch.nn.Linear(2, 2)
+    model.projector = torch.nn.Linear(2, 2)
+    setter = stage_setter(model, [TrainingStage(until_step=3, train=["qformer", "projector"]),
+                                  TrainingStage(until_step=10, train=["all"])])
+    setter(0)
+    assert model.qformer.weight.requires_grad and not model.llm.weight.requires_grad
+    setter(3)
+    assert model.llm.weight.requires_grad

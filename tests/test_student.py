@@ -1,0 +1,88 @@
+"""The student built from the teacher: layer selection, weight copies, token pruning, save/load."""
+
+import pytest
+import torch
+from tiny_salmonn import TEXTS, tiny_batch, write_official_layout
+
+from student.build import (
+    StudentConfig,
+    build_student,
+    distill_whisper_encoder,
+    ensure_student_tokenizer,
+    load_student_folder,
+    save_student_folder,
+    select_layers,
+)
+from student.token_pruning import PrunedBEATs, TokenPruningConfig
+from teacher.build import LLMConfig, build_salmonn, load_whisper_encoder
+from teacher.checkpoint import load_model_folder, save_model_folder
+
+torch.set_num_threads(1)
+
+
+def test_select_layers_is_distil_whispers_rule():
+    assert select_layers(32, 2) == [0, 31]
+    assert select_layers(4, 2) == [0, 3]
+    assert select_layers(12, 4) == [0, 3, 7, 11]
+    assert select_layers(32, 4) == [0, 10, 20, 31]
+    assert select_layers(4, 1) == [3]
+    with pytest.raises(ValueError):
+        select_layers(4, 5)
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("student")
+    cfg = write_official_layout(root / "official")
+    model, _ = build_salmonn(cfg)
+    save_model_folder(model, cfg, root / "teacher")
+    return root
+
+
+def student_cfg(root, keep=0.5):
+    return StudentConfig(
+        whisper_layers=1,
+        token_pruning=TokenPruningConfig(keep_ratio=keep, prune_after_layers=[0], score="attention", merge="fuse"),
+        llm=LLMConfig(tokenizer=str(root / f"student_tok_{keep}"), architecture="gemma2", hidden_size=24,
+                      intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=12, tie_word_embeddings=True, freeze=False),
+    )
+
+
+def test_distilled_whisper_copies_the_chosen_layers(teacher_folder):
+    teacher = load_whisper_encoder(teacher_folder / "official" / "whisper")
+    student = distill_whisper_encoder(teacher, [1])
+    assert student.config.encoder_layers == 1
+    for key, value in student.state_dict().items():
+        source = key.replace("layers.0.", "layers.1.") if key.startswith("layers.") else key
+        torch.testing.assert_close(value, teacher.state_dict()[source], rtol=0, atol=0, msg=key)
+
+
+def test_student_from_teacher_and_roundtrip(teacher_folder, tmp_path):
+    root = teacher_folder
+    cfg = student_cfg(root)
+    ensure_student_tokenizer(cfg, TEXTS)
+    student, salmonn_cfg = build_student(cfg, root / "teacher")
+    teacher = load_model_folder(root / "teacher")
+    assert isinstance(student.audio_encoder, PrunedBEATs)
+    assert student.whisper_layers_from_teacher == [1]
+    assert student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab()
+    for name, value in teacher.qformer.state_dict().items():
+        torch.testing.assert_close(student.qformer.state_dict()[name], value, rtol=0, atol=0)
+    torch.testing.assert_close(student.ln_speech.weight, teacher.ln_speech.weight)
+    assert student.projector.out_features == 24
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert n(student.speech_encoder) < n(teacher.speech_encoder)
+    student.eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        tokens = student.encode_audio(batch)
+    assert tokens.shape == (2, 5, 24)  # same windows as the teacher: pruned BEATs tokens return to their positions
+    save_student_folder(student, salmonn_cfg, tmp_path / "student")
+    again = load_student_folder(tmp_path / "student")
+    assert isinstance(again.audio_encoder, PrunedBEATs) and again.audio_encoder.pruning_config.keep_ratio == 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_audio(batch), tokens)
+        a, _ = student.prefill(tokens, batch["prompts"])
+        b, _ = again.prefill(tokens, batch["prompts"])
+        torch.testing.assert_close(a, b)
