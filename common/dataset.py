@@ -8,9 +8,9 @@ and the sampler knows every clip's duration.
 from __future__ import annotations
 
 import random
-from math import ceil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from math import ceil
 from typing import Literal
 
 import numpy as np
@@ -142,8 +142,9 @@ class AudioTextDataset(Dataset):
 class AudioTextCollator:
     """Pads a list of dataset items into a batch.
 
-    Output keys: `mel` [batch, n_mels, frames] and `mel_frames` [batch] (frames holding audio); `fbank` [batch, max_frames, 128] with `fbank_padding_mask`
-    [batch, max_frames] (True = padding, BEATs' convention); `texts`, `tasks`, `prompts`, `paths` (lists);
+    Output keys: `mel` [batch, n_mels, frames] and `mel_frames` [batch] (frames holding audio); `fbank`
+    [batch, max_frames, 128] with `fbank_padding_mask` [batch, max_frames] (True = padding, BEATs' convention);
+    `texts`, `tasks`, `prompts`, `paths` (lists);
     `index` [batch]. With a tokenizer also `target_ids` [batch, max_len] (target text + end token, right-padded
     with the pad id) and `labels` (the same with -100 at padding, ignored by the loss).
     """
