@@ -6,7 +6,7 @@
 #   bash scripts/distill.sh --force              # rerun stages whose outputs exist
 #   bash scripts/distill.sh data.seed=1          # STAGE.key=value sets `key` in that stage's config
 #
-# Stages and their override prefixes: data
+# Stages and their override prefixes: data, teacher, cache, distill, evaluate
 #
 # Each stage writes its outputs and resolved config under outputs/<preset>/ and is skipped when its
 # output exists and its resolved config is unchanged.
@@ -40,8 +40,9 @@ export PYTHONUNBUFFERED=1
 
 for item in "${OVERRIDES[@]}"; do
   case "${item%%.*}" in
-    data) ;;
-    *) echo "override '$item' names no stage; prefix it with one of: data" >&2; exit 2 ;;
+    data|teacher|cache|distill|evaluate) ;;
+    *) echo "override '$item' names no stage; prefix it with one of: data teacher cache distill evaluate" >&2
+       exit 2 ;;
   esac
 done
 
@@ -54,4 +55,9 @@ stage() {  # stage PREFIX MODULE CONFIG: run one stage with the preset's config 
   "$PY" -m "$module" --config "$config" "${FORCE[@]}" "${mine[@]}"
 }
 
-stage data toybench.generate "$CONFIGS/data.yaml"
+stage data toybench.generate "$CONFIGS/data.yaml"          # toy benchmark (skipped when present)
+stage teacher teacher.train "$CONFIGS/teacher.yaml"         # toy teacher (trained only if missing)
+stage cache teacher.cache "$CONFIGS/cache.yaml"             # teacher cache of the train split
+stage distill distill.train "$CONFIGS/distill.yaml"         # distilled student
+stage evaluate evaluation.run "$CONFIGS/evaluate.yaml"      # every stage on the test split
+echo "=== [$PRESET] results: $ROOT/outputs/$PRESET/eval/ (comparison.json, <model>/results.json)"

@@ -29,6 +29,7 @@ from common.tracking import MetricLogger
 from common.training import LoopConfig, OptimConfig, fit, seed_everything
 from teacher.build import SalmonnConfig, build_salmonn
 from teacher.checkpoint import save_model_folder
+from teacher.salmonn import crop_mel, run_whisper_encoder
 
 
 @dataclass
@@ -55,6 +56,11 @@ class CTCConfig:
     ESPnet) grounds the encoder in the audio far sooner than the LLM's loss alone. The head is dropped at save.
     """
     alphabet: str = "abcdefghijklmnopqrstuvwxyz '"
+    pretrain_steps: int = 0
+    """Before SALMONN training, train the Whisper encoder alone with this CTC loss on the ASR clips for this many
+    steps: the toy's stand-in for Whisper's own supervised pretraining (SALMONN starts from a trained Whisper).
+    An encoder-only step costs a fraction of a full one, so this is where a from-scratch encoder learns fastest."""
+    pretrain_lr: float = 2.0e-3
 
 
 @dataclass
@@ -134,6 +140,37 @@ class WithCTC(nn.Module):
                           zero_infinity=True)
 
 
+class EncoderCTC(nn.Module):
+    """The Whisper encoder and the CTC head of a `WithCTC`, trained alone (encoder pretraining)."""
+
+    def __init__(self, with_ctc: WithCTC):
+        super().__init__()
+        self.encoder = with_ctc.model.speech_encoder
+        self.head = with_ctc.head
+        self._owner = [with_ctc]
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        speech = run_whisper_encoder(self.encoder, crop_mel(batch) if self._owner[0].model.pad_to_longest
+                                     else batch["mel"])
+        loss = self._owner[0].ctc_loss(speech, batch, list(range(len(batch["texts"]))))
+        return {"loss": loss, "ctc": loss.detach()}
+
+
+def pretrain_encoder(cfg: JobConfig, trainer: WithCTC, train, out_dir: Path) -> None:
+    """CTC pretraining of the Whisper encoder on the ASR clips (checkpointed and resumable like any fit)."""
+    asr = [i for i, ex in enumerate(train.examples) if ex.task == "asr"]
+    if not asr:
+        raise SystemExit("config error: ctc.pretrain_steps > 0 but the training data has no asr clips")
+    subset = torch.utils.data.Subset(train, asr)
+    sampler = DurationBucketSampler([train.durations[i] for i in asr], cfg.loop.batch_size,
+                                    cfg.data.bucket_pool_batches, seed=cfg.loop.seed)
+    loop = dataclasses.replace(cfg.loop, max_steps=cfg.ctc.pretrain_steps, eval_every=10**9, best_metric="")
+    optim = dataclasses.replace(cfg.optim, lr=cfg.ctc.pretrain_lr)
+    with MetricLogger(Path(cfg.log_dir) / "encoder_pretrain", stdout_every=5) as logger:
+        fit(EncoderCTC(trainer), subset, sampler, AudioTextCollator(), lambda m, batch: m(batch), loop, optim,
+            out_dir / "encoder_pretrain", logger)
+
+
 def validator(cfg: JobConfig, valid, out_dir: Path):
     """Decode part of the valid split and score it with the evaluation code (WER, CIDEr-D)."""
     from evaluation.run import GenerationConfig, quality
@@ -167,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"padding with bucketing: {sampler.padding_report()}")
 
     trainer = WithCTC(model, cfg.ctc)
+    if cfg.ctc.pretrain_steps:
+        pretrain_encoder(cfg, trainer, train, out_dir)
     evaluate = validator(cfg, valid, out_dir / "valid")
     with MetricLogger(cfg.log_dir, stdout_every=5) as logger:
         state = fit(trainer, train, sampler, collate, lambda m, batch: m(batch), cfg.loop, cfg.optim, out_dir,
