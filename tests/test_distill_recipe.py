@@ -103,3 +103,13 @@ def test_training_stages_switch_parts():
     assert model.qformer.weight.requires_grad and not model.llm.weight.requires_grad
     setter(3)
     assert model.llm.weight.requires_grad
+
+
+def test_step_bench_reports_a_ratio(setup, tmp_path):
+    from distill.step_bench import main as bench_main
+
+    config = tmp_path / "distill.yaml"
+    config.write_text("job: distill.train\n")
+    result = bench_main(["--config", str(config), "--steps", "2", "kd.feature_weight=1.0",
+                         *recipe_args(setup, tmp_path / "bench")])
+    assert result["ce"] > 0 and result["kd"] > 0 and result["ratio_kd_over_ce"] > 0
