@@ -165,7 +165,8 @@ def pretrain_encoder(cfg: JobConfig, trainer: WithCTC, train, out_dir: Path) -> 
     sampler = DurationBucketSampler([train.durations[i] for i in asr], cfg.loop.batch_size,
                                     cfg.data.bucket_pool_batches, seed=cfg.loop.seed)
     loop = dataclasses.replace(cfg.loop, max_steps=cfg.ctc.pretrain_steps, eval_every=10**9, best_metric="")
-    optim = dataclasses.replace(cfg.optim, lr=cfg.ctc.pretrain_lr)
+    # Constant lr after warm-up: CTC from scratch first sits on a blank plateau, and a decaying lr prolongs it.
+    optim = dataclasses.replace(cfg.optim, lr=cfg.ctc.pretrain_lr, min_lr_ratio=1.0)
     with MetricLogger(Path(cfg.log_dir) / "encoder_pretrain", stdout_every=5) as logger:
         fit(EncoderCTC(trainer), subset, sampler, AudioTextCollator(), lambda m, batch: m(batch), loop, optim,
             out_dir / "encoder_pretrain", logger)
