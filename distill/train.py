@@ -15,6 +15,7 @@ Every term is logged apart (`train/ce`, `train/kd`, `train/feature`, ...).
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     if stage_is_current(cfg, out_dir / "model") and not force:
         print(f"student up to date: {out_dir / 'model'} (use --force to retrain)")
         return 0
+    if force:
+        # A forced rerun starts from scratch: the loop would otherwise resume from the old checkpoints.
+        shutil.rmtree(out_dir, ignore_errors=True)
     seed_everything(cfg.loop.seed)
     save_resolved(cfg, out_dir)
     train, valid = load_split(cfg, "train"), load_split(cfg, "valid")

@@ -11,6 +11,7 @@ teacher cache, the student builder and the evaluation load through the same load
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     if stage_is_current(cfg, out_dir / "model") and not force:
         print(f"teacher up to date: {out_dir / 'model'} (use --force to retrain)")
         return 0
+    if force:
+        # A forced rerun starts from scratch: the loop would otherwise resume from the old checkpoints.
+        shutil.rmtree(out_dir, ignore_errors=True)
     seed_everything(cfg.loop.seed)
     save_resolved(cfg, out_dir)
     train, valid = load_split(cfg, "train"), load_split(cfg, "valid")
