@@ -111,6 +111,9 @@ class StoredFeatureDataset(Dataset):
     def report(self):
         return self.dataset.report
 
+    def prompt(self, ex) -> str:
+        return self.dataset.prompt(ex)
+
     def __len__(self) -> int:
         return len(self.dataset)
 
@@ -127,7 +130,7 @@ class StoredFeatureDataset(Dataset):
         if "fbank" in f.keys():
             offsets = f.get_slice("fbank_offsets")[row : row + 2].tolist()
             item["fbank"] = f.get_slice("fbank")[offsets[0] : offsets[1]].float()
-        item.update(text=ex.text, task=ex.task, prompt=self.dataset.prompt(ex), path=ex.path,
+        item.update(text=ex.text, task=ex.task, prompt=self.prompt(ex), path=ex.path,
                     duration=self.dataset.durations[index], index=index)
         return item
 

@@ -15,13 +15,15 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.audio import SAMPLE_RATE, load_audio
 from common.config import parse_cli, save_resolved
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
 from common.feature_store import with_feature_store
-from common.features import FeatureConfig
+from common.features import AudioFeaturizer, FeatureConfig
 from evaluation.asr_metrics import NORMALIZER_NAME, asr_scores
 from evaluation.caption_metrics import caption_scores
 from evaluation.efficiency import EfficiencyConfig, compare
@@ -165,8 +167,31 @@ def efficiency_clips(dataset, cfg: JobConfig) -> list[dict]:
     chosen, _ = select_clips(dataset, 0)
     per_task = [chosen[t] for t in sorted(chosen)]
     picked = [ids[i] for i in range(cfg.efficiency_clips) for ids in per_task if i < len(ids)]
-    batch = AudioTextCollator()([dataset[i] for i in picked[: cfg.efficiency_clips]])
+    picked = picked[: cfg.efficiency_clips]
+    seconds = cfg.efficiency.input_seconds
+    items = [dataset[i] for i in picked] if seconds is None else [
+        fixed_length_item(dataset, i, seconds, cfg.features) for i in picked]
+    batch = AudioTextCollator()(items)
     return [{k: v[row : row + 1] for k, v in batch.items()} for row in range(len(batch["texts"]))]
+
+
+def fixed_length_item(dataset, start: int, seconds: float, features: FeatureConfig) -> dict:
+    """An item of exactly `seconds` of audio: test clips from `start` on, concatenated and cut (the hackathon
+    evaluator timed 10 s inputs)."""
+    if seconds > features.whisper_chunk_seconds:
+        raise SystemExit(f"config error: efficiency.input_seconds={seconds} exceeds the Whisper window of "
+                         f"{features.whisper_chunk_seconds} s (features.whisper_chunk_seconds)")
+    need = int(seconds * SAMPLE_RATE)
+    pieces, index = [], start
+    while sum(len(p) for p in pieces) < need:
+        ex = dataset.examples[index % len(dataset.examples)]
+        pieces.append(load_audio(ex.path, data=ex.audio_bytes))
+        index += 1
+    wav = np.concatenate(pieces)[:need]
+    item = AudioFeaturizer(features)(wav)
+    ex = dataset.examples[start]
+    item.update(text=ex.text, task=ex.task, prompt=dataset.prompt(ex), path=ex.path, duration=seconds, index=start)
+    return item
 
 
 def load_test_split(cfg: JobConfig):

@@ -8,6 +8,7 @@ import soundfile as sf
 import torch
 from tiny_salmonn import write_official_layout
 
+from evaluation.efficiency import EfficiencyConfig
 from evaluation.results import METRIC_KEYS, load_results
 from evaluation.run import main as evaluate_main
 from evaluation.run import select_clips
@@ -79,3 +80,19 @@ def test_select_clips_groups_captions_and_limits():
     assert chosen == {"audiocaption": [0, 3], "asr": [2, 4]} and refs["audiocaption|a"] == ["x", "y"]
     chosen, _ = select_clips(DS(), 1)
     assert chosen == {"audiocaption": [0], "asr": [2]}
+
+
+def test_hackathon_protocol_times_fixed_length_inputs(setup, tmp_path):
+    from evaluation.run import JobConfig, efficiency_clips, load_test_split
+
+    root = setup
+    cfg = JobConfig(output_dir=str(tmp_path))
+    cfg.data.test = [str(root / "test.json")]
+    cfg.features.whisper_chunk_seconds = 2
+    cfg.efficiency = EfficiencyConfig(protocol="hackathon", input_seconds=1.5)
+    clips = efficiency_clips(load_test_split(cfg), cfg)
+    assert len(clips) == 4 and all(int(c["mel_frames"][0]) == 150 for c in clips)
+    assert cfg.efficiency.warmup_runs == 10 and cfg.efficiency.timed_runs == 100 and cfg.efficiency.statistic == "mean"
+    cfg.efficiency = EfficiencyConfig(protocol="hackathon", input_seconds=10.0)
+    with pytest.raises(SystemExit, match="exceeds the Whisper window"):
+        efficiency_clips(load_test_split(cfg), cfg)
