@@ -129,7 +129,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, scaler, state: TrainState) -> Path:
-    """Write `folder/step_XXXXXXX/` atomically: weights (safetensors), optimizer/scheduler/scaler/RNG, state."""
+    """Write `folder/step_<7-digit step>/` atomically: weights (safetensors), optimizer/scheduler/scaler/RNG, state."""
     final = folder / f"step_{state.step:07d}"
     tmp = folder / f".tmp_step_{state.step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
