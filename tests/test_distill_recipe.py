@@ -6,15 +6,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from tiny_salmonn import write_official_layout
+from tiny_salmonn import write_teacher_folder
 
 from common.tracking import read_metrics
 from distill.train import TrainingStage, answer_rows, stage_setter
 from distill.train import main as distill_main
 from student.build import load_student_folder
-from teacher.build import build_salmonn
 from teacher.cache import main as cache_main
-from teacher.checkpoint import save_model_folder
 
 torch.set_num_threads(1)
 
@@ -22,9 +20,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
-    cfg = write_official_layout(root / "official")
-    model, _ = build_salmonn(cfg)
-    save_model_folder(model, cfg, root / "teacher")
+    write_teacher_folder(root)
     rng = np.random.default_rng(0)
     entries = []
     texts = ["the cat sat on the mat", "hello world", "the dog runs", "a high tone followed by three short beeps"]

@@ -6,14 +6,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from tiny_salmonn import write_official_layout
+from tiny_salmonn import write_teacher_folder
 
 from evaluation.efficiency import EfficiencyConfig
 from evaluation.results import METRIC_KEYS, load_results
 from evaluation.run import main as evaluate_main
 from evaluation.run import select_clips
-from teacher.build import build_salmonn
-from teacher.checkpoint import save_model_folder
 
 torch.set_num_threads(1)
 
@@ -21,9 +19,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    cfg = write_official_layout(root / "official")
-    model, _ = build_salmonn(cfg)
-    save_model_folder(model, cfg, root / "teacher")
+    write_teacher_folder(root)
     rng = np.random.default_rng(0)
     entries = []
     for i in range(3):

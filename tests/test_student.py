@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_salmonn import TEXTS, tiny_batch, write_official_layout
+from tiny_salmonn import TEXTS, tiny_batch, write_teacher_folder
 
 from student.build import (
     StudentConfig,
@@ -14,8 +14,8 @@ from student.build import (
     select_layers,
 )
 from student.token_pruning import PrunedBEATs, TokenPruningConfig
-from teacher.build import LLMConfig, build_salmonn, load_whisper_encoder
-from teacher.checkpoint import load_model_folder, save_model_folder
+from teacher.build import LLMConfig, load_whisper_encoder
+from teacher.checkpoint import load_model_folder
 
 torch.set_num_threads(1)
 
@@ -33,9 +33,7 @@ def test_select_layers_is_distil_whispers_rule():
 @pytest.fixture(scope="module")
 def teacher_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("student")
-    cfg = write_official_layout(root / "official")
-    model, _ = build_salmonn(cfg)
-    save_model_folder(model, cfg, root / "teacher")
+    write_teacher_folder(root)
     return root
 
 

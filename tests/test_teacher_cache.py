@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from tiny_salmonn import write_official_layout
+from tiny_salmonn import write_teacher_folder
 
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
 from common.features import FeatureConfig
-from teacher.build import build_salmonn
 from teacher.cache import main as cache_main
 from teacher.cache import sample_keys
 from teacher.cache_store import CacheError, CacheReader
-from teacher.checkpoint import load_model_folder, save_model_folder
+from teacher.checkpoint import load_model_folder
 from teacher.salmonn import shift_for_next_token
 
 torch.set_num_threads(1)
@@ -23,9 +22,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    cfg = write_official_layout(root / "official")
-    model, _ = build_salmonn(cfg)
-    save_model_folder(model, cfg, root / "teacher")
+    write_teacher_folder(root)
     rng = np.random.default_rng(0)
     entries = []
     for i, text in enumerate(["the cat sat", "hello world", "the dog runs on the mat", "a high tone"]):

@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFo
 from common.bpe import train_bpe
 from teacher.beats import BEATs, BEATsConfig
 from teacher.build import BeatsEncoderConfig, LLMConfig, LoraSpec, SalmonnConfig, WhisperEncoderConfig, build_salmonn
-from teacher.checkpoint import salmonn_state_dict
+from teacher.checkpoint import salmonn_state_dict, save_model_folder
 from teacher.qformer import QFormerConfig
 
 TEXTS = ["the cat sat on the mat", "a high tone followed by three short beeps", "hello world", "the dog runs",
@@ -89,6 +89,14 @@ def write_official_layout(root: Path) -> SalmonnConfig:
     torch.save(blob, root / "salmonn.pth")
     torch.save(model.state_dict(), root / "reference_state.pt")
     return tiny_config(root)
+
+
+def write_teacher_folder(root: Path) -> Path:
+    """The official layout under `root/official`, loaded and saved as a teacher folder `root/teacher`."""
+    cfg = write_official_layout(root / "official")
+    model, _ = build_salmonn(cfg)
+    save_model_folder(model, cfg, root / "teacher")
+    return root / "teacher"
 
 
 def tiny_batch(batch_size: int = 2, seconds: float = 2.0, seed: int = 0) -> dict:
