@@ -62,6 +62,12 @@ class CTCConfig:
     steps: the toy's stand-in for Whisper's own supervised pretraining (SALMONN starts from a trained Whisper).
     An encoder-only step costs a fraction of a full one, so this is where a from-scratch encoder learns fastest."""
     pretrain_lr: float = 2.0e-3
+    pretrain_min_lr_ratio: float = 0.05
+    """End of the pretraining's cosine decay, as a fraction of `pretrain_lr` (1.0 = constant after warm-up)."""
+    freeze_after_pretrain: bool = False
+    """Freeze the pretrained Whisper encoder for SALMONN training, as SALMONN does with its Whisper: the LLM then
+    learns on stable acoustic features, and every step skips the encoder's backward pass. The CTC term is dropped
+    then (it could only move its own head)."""
 
 
 @dataclass
@@ -166,8 +172,7 @@ def pretrain_encoder(cfg: JobConfig, trainer: WithCTC, train, out_dir: Path) -> 
     sampler = DurationBucketSampler([train.durations[i] for i in asr], cfg.loop.batch_size,
                                     cfg.data.bucket_pool_batches, seed=cfg.loop.seed)
     loop = dataclasses.replace(cfg.loop, max_steps=cfg.ctc.pretrain_steps, eval_every=10**9, best_metric="")
-    # Constant lr after warm-up: CTC from scratch first sits on a blank plateau, and a decaying lr prolongs it.
-    optim = dataclasses.replace(cfg.optim, lr=cfg.ctc.pretrain_lr, min_lr_ratio=1.0)
+    optim = dataclasses.replace(cfg.optim, lr=cfg.ctc.pretrain_lr, min_lr_ratio=cfg.ctc.pretrain_min_lr_ratio)
     with MetricLogger(Path(cfg.log_dir) / "encoder_pretrain", stdout_every=5) as logger:
         fit(EncoderCTC(trainer), subset, sampler, AudioTextCollator(), lambda m, batch: m(batch), loop, optim,
             out_dir / "encoder_pretrain", logger)
@@ -211,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer = WithCTC(model, cfg.ctc)
     if cfg.ctc.pretrain_steps:
         pretrain_encoder(cfg, trainer, train, out_dir)
+        if cfg.ctc.freeze_after_pretrain:
+            model.speech_encoder.requires_grad_(False)
+            trainer.cfg = dataclasses.replace(cfg.ctc, weight=0.0)
     evaluate = validator(cfg, valid, out_dir / "valid")
     with MetricLogger(cfg.log_dir, stdout_every=5) as logger:
         state = fit(trainer, train, sampler, collate, lambda m, batch: m(batch), cfg.loop, cfg.optim, out_dir,
