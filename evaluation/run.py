@@ -28,7 +28,7 @@ from evaluation.asr_metrics import NORMALIZER_NAME, asr_scores
 from evaluation.caption_metrics import caption_scores
 from evaluation.efficiency import EfficiencyConfig, compare
 from evaluation.interface import AudioLanguageModel
-from evaluation.results import build_results, efficiency_metrics, format_summary, write_results
+from evaluation.results import QUALITY_KEYS, build_results, efficiency_metrics, format_summary, write_results
 
 
 @dataclass
@@ -38,6 +38,9 @@ class ModelRef:
     loader: str = "teacher.checkpoint:load_model_folder"
     """`module:function` taking the path and returning an AudioLanguageModel."""
     path: str = ""
+    quality: bool = True
+    """Decode and score this model; false measures only its efficiency (e.g. the teacher as the reference of
+    ratios, when its quality was scored once elsewhere). Its quality metrics are then null with the reason."""
 
 
 @dataclass
@@ -217,7 +220,11 @@ def main(argv: list[str] | None = None) -> dict:
     report = compare(models, clips, cfg.efficiency, reference=cfg.models[0].name)
     all_results = {}
     for ref in cfg.models:
-        metrics, settings, unavailable = quality(models[ref.name], dataset, cfg, out_root / ref.name, cache_dir)
+        if ref.quality:
+            metrics, settings, unavailable = quality(models[ref.name], dataset, cfg, out_root / ref.name, cache_dir)
+        else:
+            metrics, settings = {}, {}
+            unavailable = {key: "quality not scored in this run (models[].quality: false)" for key in QUALITY_KEYS}
         eff_values, eff_unavailable = efficiency_metrics(report["models"][ref.name])
         settings["efficiency"] = report["settings"]
         results = build_results({**metrics, **eff_values}, settings, {**unavailable, **eff_unavailable},
