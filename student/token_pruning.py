@@ -27,6 +27,7 @@ import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -581,6 +582,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", help="also write the rows as JSON here (what `python -m experiments figures` reads)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -589,7 +591,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     layers = args.layers if args.layers is not None else default_prune_layers(beats.cfg.encoder_layers)
     pruning = TokenPruningConfig(prune_after_layers=layers, score=args.score, merge=args.merge,
                                  segment_seconds=args.segment_seconds)
-    return bench(beats, args.ratios, args.seconds, args.runs, args.warmup, pruning)
+    rows = bench(beats, args.ratios, args.seconds, args.runs, args.warmup, pruning)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: v for k, v in vars(args).items() if k != "out"}
+        Path(args.out).write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+    return rows
 
 
 if __name__ == "__main__":
