@@ -130,6 +130,8 @@ def load_whisper_encoder(path: str | Path) -> WhisperEncoder:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: not a Hugging Face Whisper folder (no config.json); check whisper.path")
     encoder = WhisperEncoder(WhisperConfig.from_pretrained(folder))
+    if getattr(encoder.config, HEADS_KEPT, None):
+        keep_whisper_heads(encoder, getattr(encoder.config, HEADS_KEPT))
     weights = read_hf_weights(folder)
     prefix = next((p for p in ("model.encoder.", "encoder.") if any(k.startswith(p) for k in weights)), None)
     if prefix is None:
@@ -137,6 +139,29 @@ def load_whisper_encoder(path: str | Path) -> WhisperEncoder:
     state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     _load_strict(encoder, state, folder)
     return encoder
+
+
+HEADS_KEPT = "encoder_attention_heads_kept"
+"""Whisper config field of a head-pruned encoder (`prune.width`): heads left in every layer. The head width stays
+d_model / encoder_attention_heads, so `encoder_attention_heads` keeps its original value."""
+
+
+def keep_whisper_heads(encoder: WhisperEncoder, heads: int) -> None:
+    """Shrink every encoder layer's attention to `heads` heads of the original head width (fresh weights).
+
+    HF's WhisperAttention derives its head width from d_model / heads and refuses other shapes, so a head-pruned
+    encoder is built at full width and its projections are replaced by narrower ones before the weights load:
+    q/k/v `[d_model → heads · head_dim]`, out_proj `[heads · head_dim → d_model]`.
+    """
+    for layer in encoder.layers:
+        attn = layer.self_attn
+        inner = heads * attn.head_dim
+        for name in ("q_proj", "k_proj", "v_proj"):
+            old = getattr(attn, name)
+            setattr(attn, name, nn.Linear(old.in_features, inner, bias=old.bias is not None))
+        attn.out_proj = nn.Linear(inner, attn.out_proj.out_features, bias=attn.out_proj.bias is not None)
+        attn.num_heads = heads
+    setattr(encoder.config, HEADS_KEPT, heads)
 
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
