@@ -1,16 +1,24 @@
 """The training loop every recipe shares (toy teacher, distillation, recovery after pruning).
 
 A recipe builds its model and data, then calls `fit` with a `loss_fn(model, batch) -> {"loss": ..., terms}`
-and an `evaluate(model, step) -> {"eval/...": value}`. `fit` does the rest: accelerate (devices, DDP, fp16
-autocast with a GradScaler on GPUs without bf16), AdamW with warm-up + cosine, gradient accumulation and
-clipping, skipping non-finite steps, logging every term, and atomic checkpoints that resume exactly
+and an `evaluate(model, step) -> {"eval/...": value}`. `fit` does the rest: accelerate (devices, DDP, DeepSpeed
+ZeRO, fp16 autocast with a GradScaler on GPUs without bf16), AdamW with warm-up + cosine, gradient accumulation
+and clipping, skipping non-finite steps, logging every term, and atomic checkpoints that resume exactly
 (model, optimizer, scheduler, scaler, RNG and data position).
+
+Several processes (`accelerate launch --config_file configs/accelerate/ddp.yaml ...`, or a DeepSpeed config) each
+take every n-th batch of the sampler, so one optimizer step sees `batch_size × grad_accum × processes` clips; the
+logged terms are means over all of them. Under DeepSpeed the engine owns backward, fp16 loss scaling, clipping,
+accumulation and the optimizer step, and checkpoints hold its per-rank optimizer partitions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -128,14 +136,24 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, scaler, state: TrainState) -> Path:
-    """Write `folder/step_<7-digit step>/` atomically: weights (safetensors), optimizer/scheduler/scaler/RNG, state."""
+def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, scaler, state: TrainState,
+                    rank_files: Path | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `folder/step_<7-digit step>/` atomically: weights (safetensors), optimizer/scheduler/scaler/RNG, state.
+
+    `optimizer` None leaves it out (a DeepSpeed engine saves its own partitions); `rank_files` is a folder of files
+    the other processes wrote (their RNG, the engine's checkpoint), moved in before the folder is published;
+    `weights` replaces `trainable_state(model)` (ZeRO-3, whose parameters live sharded across ranks).
+    """
     final = folder / f"step_{state.step:07d}"
     tmp = folder / f".tmp_step_{state.step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    if rank_files is not None:
+        rank_files.rename(tmp)
+    else:
+        tmp.mkdir(parents=True)
+    save_file(trainable_state(model) if weights is None else weights, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state()},
                tmp / "training_state.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
@@ -149,22 +167,34 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler) -> TrainState:
-    """Restore a checkpoint written by `save_checkpoint` (weights, optimizer, scheduler, scaler, RNG)."""
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise ValueError(f"{path}: checkpoint holds parameters the model lacks: {unknown[:5]}")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler, rank: int = 0,
+                    engine=None) -> TrainState:
+    """Restore a checkpoint written by `save_checkpoint` (weights, optimizer, scheduler, scaler, RNG).
+
+    `rank` picks this process's RNG file when several processes wrote one; with a DeepSpeed `engine` the weights
+    and optimizer partitions come from its own checkpoint inside the folder.
+    """
+    if engine is not None:
+        engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=False)
+    else:
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        unknown = sorted(set(weights) - set(params))
+        if unknown:
+            raise ValueError(f"{path}: checkpoint holds parameters the model lacks: {unknown[:5]}")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
     blob = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
+    if engine is None:
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob["scaler"] is not None:
         scaler.load_state_dict(blob["scaler"])
-    _set_rng_state(blob["rng"])
+    rng_file = path / f"rng_rank{rank}.pt"
+    rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else blob["rng"]
+    _set_rng_state(rng)
     return TrainState(**json.loads((path / "state.json").read_text()))
 
 
@@ -183,15 +213,213 @@ def _batches_from(sampler, state: TrainState):
     epoch, skip = state.epoch, state.batch_in_epoch
     while True:
         sampler.set_epoch(epoch)
+        count = 0
         for i, batch in enumerate(sampler):
+            count += 1
             if i >= skip:
                 yield epoch, i, batch
+        if count == 0:
+            raise ValueError(f"the sampler yields no batch in epoch {epoch} for this process: the data holds fewer "
+                             "batches than there are processes; use more data, a smaller batch_size or fewer processes")
         epoch, skip = epoch + 1, 0
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+
+
+DEEPSPEED_DIR = "deepspeed"
+"""Folder of a checkpoint that holds the DeepSpeed engine's own checkpoint (module and optimizer partitions)."""
+DEEPSPEED_TAG = "engine"
+
+
+def uses_deepspeed() -> bool:
+    """Whether the launcher asked for DeepSpeed (`accelerate launch` with a DeepSpeed config sets this)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_accelerator(loop: LoopConfig):
+    """The Accelerator for a training job: one process, DDP or DeepSpeed, as the launcher set it up.
+
+    fp16/bf16 only on CUDA (a CPU trains in fp32). DDP looks for parameters a step did not use (training stages
+    freeze parts; BEATs' tagging head never runs). Without CUDA the processes talk over gloo, DeepSpeed included
+    (with `DS_ACCELERATOR=cpu`), which is how the tests run them.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    deepspeed = uses_deepspeed()
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    if deepspeed and not cuda:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(mixed_precision=loop.precision if cuda and loop.precision != "fp32" else "no",
+                       cpu=not cuda and not deepspeed, kwargs_handlers=handlers)
+
+
+def _is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _zero_stage(accelerator) -> int:
+    if not _is_deepspeed(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def fill_deepspeed_config(config: dict, loop: LoopConfig, optim: OptimConfig, where: str = "the DeepSpeed config"):
+    """Fill a DeepSpeed config's "auto" batch, accumulation and clipping from the job's loop and optim sections.
+
+    A number in the JSON must agree with the job (one source of truth for the global batch); a mismatch stops
+    the run naming the file (`where`), the key, both values and the fix. Changes `config` in place.
+    """
+    wanted = {"train_micro_batch_size_per_gpu": loop.batch_size, "gradient_accumulation_steps": loop.grad_accum,
+              "gradient_clipping": optim.grad_clip}
+    for key, value in wanted.items():
+        current = config.get(key, "auto")
+        if current == "auto":
+            config[key] = value
+        elif float(current) != float(value):
+            raise ValueError(f"{where}: {key} is {current} but the job says {value} (loop.batch_size, "
+                             "loop.grad_accum, optim.grad_clip); set it to \"auto\" in the JSON or change the job")
+    if "optimizer" in config or "scheduler" in config:
+        raise ValueError(f"{where}: remove 'optimizer' and 'scheduler': fit() brings its own AdamW and schedule "
+                         "(torch's AdamW; DeepSpeed's fused Adam would JIT-compile for minutes)")
+
+
+def configure_deepspeed(accelerator, loop: LoopConfig, optim: OptimConfig) -> None:
+    """`fill_deepspeed_config` on the config the launcher gave accelerate."""
+    where = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+    fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, loop, optim, where)
+
+
+def prepare_frozen(model: nn.Module, accelerator, loop: LoopConfig):
+    """Ready a frozen model that only runs forward passes beside the one being trained (a KD teacher).
+
+    No gradients, no optimizer state and no DDP wrapper. Under DeepSpeed it gets an inference-only engine, as
+    trl's `prepare_deepspeed` and accelerate's multi-model guide do: under ZeRO-3 its parameters are sharded
+    across ranks like the student's and gathered layer by layer in each forward; under ZeRO-0/1/2 every rank holds
+    a full fp16 copy. Without DeepSpeed it moves to this process's device, in fp16 on CUDA when training in fp16
+    (a V100 has no bf16). Returns `(module to call, engine or None)`; keep the engine alive beside the module.
+    """
+    model.requires_grad_(False).eval()
+    fp16 = torch.cuda.is_available() and loop.precision == "fp16"
+    if not _is_deepspeed(accelerator):
+        model.to(accelerator.device)
+        if fp16:
+            model.half()
+        return model, None
+    import deepspeed
+
+    student = accelerator.state.deepspeed_plugin.deepspeed_config
+    stage = int(student.get("zero_optimization", {}).get("stage", 0))
+    zero = copy.deepcopy(student.get("zero_optimization", {})) if stage == 3 else {"stage": 0}
+    for key in ("offload_optimizer", "stage3_gather_16bit_weights_on_model_save"):
+        zero.pop(key, None)
+    config = {"train_micro_batch_size_per_gpu": loop.batch_size, "gradient_accumulation_steps": 1,
+              "fp16": {"enabled": fp16}, "bf16": {"enabled": False}, "zero_optimization": zero}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine.module, engine
+
+
+@contextlib.contextmanager
+def whole_models(accelerator):
+    """Inside, transformers builds models whole even under ZeRO-3; DeepSpeed shards them later, at `prepare`.
+
+    accelerate registers the ZeRO-3 config with transformers, which then builds every model already sharded
+    (`deepspeed.zero.Init`): a collective that one process alone cannot run, and shards that a student built by
+    copying teacher weights cannot read. The job's `zero3_init_flag: false` asks for whole models; this keeps it.
+    """
+    if _zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)
+
+
+@contextlib.contextmanager
+def full_parameters(module: nn.Module):
+    """Inside, every parameter of `module` is whole on every rank (ZeRO-3 gathers them; otherwise a no-op).
+
+    Every rank must enter it together under ZeRO-3.
+    """
+    params = list(module.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def shard_sampler(sampler, accelerator):
+    """Give each process its share of the batches: a sampler with `num_replicas`/`rank` (DurationBucketSampler)
+    left at one replica is set to this process's rank; one already sharded must match the processes."""
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    if processes == 1:
+        return sampler
+    replicas = getattr(sampler, "num_replicas", None)
+    if replicas is None:
+        raise ValueError(f"{type(sampler).__name__} cannot be split across {processes} processes: give it "
+                         "num_replicas and rank attributes (as common.dataset.DurationBucketSampler has)")
+    if replicas == 1:
+        sampler.num_replicas, sampler.rank = processes, rank
+    elif (replicas, sampler.rank) != (processes, rank):
+        raise ValueError(f"the sampler is sharded for rank {sampler.rank} of {replicas}, but this is rank {rank} of "
+                         f"{processes}; leave num_replicas at 1 and fit() shards it")
+    return sampler
+
+
+def _reduce_terms(accelerator, terms: dict[str, float], tokens: int) -> tuple[dict[str, float], int]:
+    """Means of the loss terms and the sum of target tokens over all processes (one all-reduce)."""
+    if accelerator.num_processes == 1:
+        return terms, tokens
+    names = sorted(terms)
+    values = torch.tensor([terms[n] for n in names] + [float(tokens)], dtype=torch.float64, device=accelerator.device)
+    values = accelerator.reduce(values, reduction="sum").cpu()
+    return {n: float(values[i]) / accelerator.num_processes for i, n in enumerate(names)}, int(values[-1])
+
+
+def _checkpoint(accelerator, ckpt_dir: Path, model, optimizer, scheduler, scaler, state: TrainState,
+                loop: LoopConfig) -> None:
+    """Save a checkpoint. With several processes (or DeepSpeed) every rank first writes its RNG state and the
+    engine its optimizer partitions into a staging folder; the main process then adds the rest and publishes."""
+    deepspeed = _is_deepspeed(accelerator)
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.num_processes == 1 and not deepspeed:
+        save_checkpoint(ckpt_dir, unwrapped, optimizer, scheduler, scaler, state)
+        prune_checkpoints(ckpt_dir, loop.keep_last, state.best_step)
+        return
+    staging = ckpt_dir / f".rank_files_step_{state.step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), staging / f"rng_rank{accelerator.process_index}.pt")
+    weights = None
+    if deepspeed:
+        model.save_checkpoint(str(staging / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+        if _zero_stage(accelerator) == 3:
+            trainable = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+            full = accelerator.get_state_dict(model)  # gathers the shards (every rank takes part; rank 0 gets them)
+            if full is not None:
+                weights = {n: t.detach().cpu().contiguous() for n, t in full.items() if n in trainable}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(ckpt_dir, unwrapped, None if deepspeed else optimizer, scheduler, scaler, state,
+                        rank_files=staging, weights=weights)
+        prune_checkpoints(ckpt_dir, loop.keep_last, state.best_step)
+    accelerator.wait_for_everyone()
 
 
 LossFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
@@ -204,58 +432,79 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
     """Train `model` for `loop.max_steps` optimizer steps; returns the final TrainState.
 
     Args:
-        dataset / sampler / collate: items by index; a batch sampler with `set_epoch` (e.g. DurationBucketSampler,
-            already sharded for this process); the collator.
+        dataset / sampler / collate: items by index; a batch sampler with `set_epoch` (e.g. DurationBucketSampler;
+            with several processes fit sets its `num_replicas`/`rank` so each takes every n-th batch); the collator.
         loss_fn: `(model, batch) -> {"loss": scalar to minimise, "<term>": scalar, ...}`; every entry is logged
             as `train/<name>` (the total as `train/loss`).
         evaluate: called every `eval_every` steps and at the end; returns `eval/...` metrics.
         before_step: called as `(model, step)` before each optimizer step, e.g. to change which parts train
             (a function of the step alone, so resuming reproduces it).
         out_dir: checkpoints go to `out_dir/checkpoints/`.
+        accelerator: from `make_accelerator(loop)` when the recipe needs it before training (e.g. to prepare a
+            teacher); made here otherwise.
     """
-    from accelerate import Accelerator
-
-    accelerator = accelerator or Accelerator(
-        mixed_precision=loop.precision if torch.cuda.is_available() and loop.precision != "fp32" else "no",
-        cpu=not torch.cuda.is_available(),
-    )
+    accelerator = accelerator or make_accelerator(loop)
     device = accelerator.device
+    main = accelerator.is_main_process
+    deepspeed = _is_deepspeed(accelerator)
+    sampler = shard_sampler(sampler, accelerator)
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas))
     scheduler = warmup_cosine(optimizer, optim.warmup_steps, loop.max_steps, optim.min_lr_ratio)
+    if deepspeed:
+        configure_deepspeed(accelerator, loop, optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     scaler = accelerator.scaler
     ckpt_dir = out_dir / "checkpoints"
     state = TrainState()
     latest = latest_checkpoint(ckpt_dir) if loop.resume else None
     if latest is not None:
-        state = load_checkpoint(latest, accelerator.unwrap_model(model), optimizer, scheduler, scaler)
+        state = load_checkpoint(latest, accelerator.unwrap_model(model), optimizer, scheduler, scaler,
+                                rank=accelerator.process_index, engine=model if deepspeed else None)
         print(f"resumed from {latest} at step {state.step}")
     params = [p for p in model.parameters() if p.requires_grad]
     batches = _batches_from(sampler, state)
-    bar = tqdm(total=loop.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=loop.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not main)
     window = {"tokens": 0, "time": time.time()}
     while state.step < loop.max_steps:
         model.train()
         if before_step is not None:
             before_step(accelerator.unwrap_model(model), state.step)
         terms_sum: dict[str, float] = {}
-        for _ in range(loop.grad_accum):
+        tokens = 0
+        for micro in range(loop.grad_accum):
             epoch, index, ids = next(batches)
             state.epoch, state.batch_in_epoch = epoch, index + 1
             batch = _to_device(collate([dataset[i] for i in ids]), device)
-            with accelerator.autocast():
-                terms = loss_fn(model, batch)
-            accelerator.backward(terms["loss"] / loop.grad_accum)
+            # DDP all-reduces gradients only after the last micro-batch of a step.
+            last_micro = micro == loop.grad_accum - 1
+            with contextlib.nullcontext() if last_micro or deepspeed else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    terms = loss_fn(model, batch)
+                if deepspeed:
+                    model.backward(terms["loss"])  # the engine divides by grad_accum and scales fp16 losses
+                    model.step()  # steps the optimizer (clipping, overflow check) only after the last micro-batch
+                else:
+                    accelerator.backward(terms["loss"] / loop.grad_accum)
             for name, value in terms.items():
                 terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach()) / loop.grad_accum
             if "labels" in batch:
-                window["tokens"] += int((batch["labels"] != -100).sum())
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = _grad_norm(params)
-        finite = math.isfinite(terms_sum["loss"]) and bool(torch.isfinite(grad_norm))
-        if finite:
+                tokens += int((batch["labels"] != -100).sum())
+        terms_sum, tokens = _reduce_terms(accelerator, terms_sum, tokens)
+        window["tokens"] += tokens
+        if deepspeed:
+            norm = model.get_global_grad_norm()
+            grad_norm = torch.tensor(float(norm) if norm is not None else float("nan"))
+            finite = math.isfinite(terms_sum["loss"]) and not optimizer.step_was_skipped
+        else:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = _grad_norm(params)
+            finite = math.isfinite(terms_sum["loss"]) and bool(torch.isfinite(grad_norm))
+        if deepspeed and finite:
+            pass  # the engine already stepped
+        elif finite:
             if optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
             if scaler is not None:
@@ -264,8 +513,8 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
             else:
                 optimizer.step()
         else:
-            state.bad_steps += 1
-            if scaler is not None:
+            state.bad_steps += 1  # under DeepSpeed the engine skipped the step and lowered its loss scale itself
+            if scaler is not None and not deepspeed:
                 scaler.update()  # lowers the loss scale, which is what usually caused the overflow
             if state.bad_steps > loop.max_bad_steps:
                 raise RuntimeError(
@@ -281,17 +530,22 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
             metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                             "train/tokens_per_s": window["tokens"] / elapsed, "train/skipped_steps": state.bad_steps,
                             "train/memory_mb": _memory_mb()})
-            logger.log(state.step, metrics)
+            if main:
+                logger.log(state.step, metrics)
             window = {"tokens": 0, "time": time.time()}
         last = state.step == loop.max_steps
         if evaluate is not None and (state.step % loop.eval_every == 0 or last):
             model.eval()
-            results = evaluate(accelerator.unwrap_model(model), state.step)
-            logger.log(state.step, results)
-            _track_best(state, results, loop)
-        if accelerator.is_main_process and (state.step % loop.save_every == 0 or last):
-            save_checkpoint(ckpt_dir, accelerator.unwrap_model(model), optimizer, scheduler, scaler, state)
-            prune_checkpoints(ckpt_dir, loop.keep_last, state.best_step)
+            # The main process evaluates while the others wait; under ZeRO-3 every forward gathers parameters from
+            # all ranks, so there every rank runs it (recipes give the other ranks their own output folder).
+            if main or _zero_stage(accelerator) == 3:
+                results = evaluate(accelerator.unwrap_model(model), state.step)
+                if main:
+                    logger.log(state.step, results)
+                    _track_best(state, results, loop)
+            accelerator.wait_for_everyone()
+        if state.step % loop.save_every == 0 or last:
+            _checkpoint(accelerator, ckpt_dir, model, optimizer, scheduler, scaler, state, loop)
     bar.close()
     return state
 

@@ -28,7 +28,16 @@ from common.config import from_dict, mark_stage_done, parse_cli, read_yaml, save
 from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler
 from common.features import FeatureConfig
 from common.tracking import MetricLogger
-from common.training import LoopConfig, OptimConfig, fit, seed_everything
+from common.training import (
+    LoopConfig,
+    OptimConfig,
+    fit,
+    full_parameters,
+    make_accelerator,
+    prepare_frozen,
+    seed_everything,
+    whole_models,
+)
 from distill.cross_tokenizer import VocabMap, align_spans, cross_tokenizer_kd, vocab_overlap
 from distill.feature_kd import FeatureKD, HiddenStateKD
 from distill.losses import KINDS, SparseTeacher, logit_kd
@@ -169,6 +178,12 @@ class Distiller(nn.Module):
     @property
     def teacher(self) -> Salmonn | None:
         return self._teacher[0]
+
+    def prepare_teacher(self, accelerator, loop: LoopConfig) -> None:
+        """Ready the online teacher for inference on this process (`common.training.prepare_frozen`: fp16, no
+        optimizer state; sharded under ZeRO-3, replicated otherwise). No-op with a cached teacher."""
+        if self.teacher is not None:
+            self._teacher = list(prepare_frozen(self.teacher, accelerator, loop))  # [module, engine or None]
 
     def teacher_side(self, batch: dict):
         """(teacher answer distributions: dense [B, Lt, Vt] or SparseTeacher, Q-Former outputs per sample)."""
@@ -343,28 +358,43 @@ def main(argv: list[str] | None = None) -> int:
     if stage_is_current(cfg, out_dir / "model") and not force:
         print(f"student up to date: {out_dir / 'model'} (use --force to retrain)")
         return 0
-    if force:
+    # One process, or one of several (accelerate launch: DDP or DeepSpeed); the main one writes the shared files.
+    accelerator = make_accelerator(cfg.loop)
+    main_process = accelerator.is_main_process
+    if force and main_process:
         # A forced rerun starts from scratch: the loop would otherwise resume from the old checkpoints.
         shutil.rmtree(out_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
     seed_everything(cfg.loop.seed)
-    save_resolved(cfg, out_dir)
-    train, valid = load_split(cfg, "train"), load_split(cfg, "valid")
-    distiller, student_cfg = build(cfg, train)
+    if main_process:
+        save_resolved(cfg, out_dir)
+    # The main process goes first and writes the data reports, the feature store and the student's tokenizer.
+    with accelerator.main_process_first(), whole_models(accelerator):
+        train, valid = load_split(cfg, "train"), load_split(cfg, "valid")
+        distiller, student_cfg = build(cfg, train)
+    distiller.prepare_teacher(accelerator, cfg.loop)
     tokenizers = report_tokenizers(distiller, train)
     print(f"tokenizers: {tokenizers}")
     collate = AudioTextCollator(distiller.student.tokenizer)
     sampler = DurationBucketSampler(train.durations, cfg.loop.batch_size, cfg.data.bucket_pool_batches,
                                     seed=cfg.loop.seed)
-    evaluate = validator(cfg, valid, out_dir / "valid")
-    with MetricLogger(cfg.log_dir, stdout_every=5) as logger:
+    rank_suffix = "" if main_process else f"_rank{accelerator.process_index}"  # ZeRO-3 evaluates on every rank
+    evaluate = validator(cfg, valid, out_dir / f"valid{rank_suffix}")
+    with MetricLogger(cfg.log_dir, backends=("tensorboard", "stdout", "jsonl") if main_process else (),
+                      stdout_every=5) as logger:
         logger.log(0, {f"data/{k}": v for k, v in tokenizers.items()})
         state = fit(distiller, train, sampler, collate, lambda model, batch: model(batch), cfg.loop, cfg.optim,
                     out_dir, logger, evaluate=lambda model, step: evaluate(model.student, step),
-                    before_step=_stage_hook(distiller, cfg.stages))
-    student = distiller.student.cpu().eval()
-    save_student_folder(student, student_cfg, out_dir / "model", extra={"step": state.step})
-    mark_stage_done(cfg, out_dir / "model")
-    print(f"student saved to {out_dir / 'model'} after {state.step} steps")
+                    before_step=_stage_hook(distiller, cfg.stages), accelerator=accelerator)
+    with full_parameters(distiller.student):  # ZeRO-3: every rank gathers the shards, the main process saves
+        if main_process:
+            student = distiller.student.eval()
+            if not any(hasattr(p, "ds_id") for p in student.parameters()):
+                student = student.cpu()
+            save_student_folder(student, student_cfg, out_dir / "model", extra={"step": state.step})
+            mark_stage_done(cfg, out_dir / "model")
+            print(f"student saved to {out_dir / 'model'} after {state.step} steps")
+    accelerator.wait_for_everyone()
     return 0
 
 

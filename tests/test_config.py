@@ -132,3 +132,61 @@ def test_stage_skip_marker(tmp_path):
     assert stage_is_current(cfg, tmp_path)
     assert not stage_is_current(load_config(Job, None, ["steps=4"]), tmp_path)
     assert (tmp_path / "config.yaml").is_file()
+
+
+def test_every_yaml_is_a_job_or_an_accelerate_config():
+    others = sorted(p for p in CONFIGS.rglob("*.yaml") if p not in job_yamls())
+    assert others == sorted((CONFIGS / "accelerate").glob("*.yaml")), others
+
+
+def test_accelerate_configs_parse_with_accelerate_and_name_existing_deepspeed_json(monkeypatch):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    monkeypatch.chdir(CONFIGS.parent)  # the configs name the DeepSpeed JSON relative to the repository root
+    kinds = {}
+    for path in sorted((CONFIGS / "accelerate").glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# accelerate launch --config_file ") and str(path.relative_to(CONFIGS.parent)) in first
+        config = load_config_from_file(str(path))
+        kinds[path.stem] = config.distributed_type
+        if config.distributed_type == DistributedType.DEEPSPEED:
+            json_file = Path(config.deepspeed_config["deepspeed_config_file"])
+            assert json_file.is_file() and json_file.parent == Path("configs/deepspeed"), json_file
+            assert config.deepspeed_config["zero3_init_flag"] is False  # models are built whole, sharded at prepare
+            assert config.mixed_precision is None  # the job's loop.precision decides (fp16 on a V100)
+    assert kinds == {"one_gpu": DistributedType.NO, "ddp": DistributedType.MULTI_GPU,
+                     "deepspeed_zero2": DistributedType.DEEPSPEED, "deepspeed_zero3": DistributedType.DEEPSPEED}
+
+
+@pytest.mark.parametrize("name, stage", [("zero2", 2), ("zero3", 3)])
+def test_deepspeed_json_passes_deepspeeds_own_parser(name, stage):
+    """What fit() hands DeepSpeed for an fp16 job: the JSON with its "auto" values filled from the job."""
+    import json
+
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from common.training import LoopConfig, OptimConfig, fill_deepspeed_config
+
+    config = json.loads((CONFIGS / "deepspeed" / f"{name}.json").read_text())
+    assert "optimizer" not in config and "scheduler" not in config  # torch's AdamW and fit's schedule
+    fill_deepspeed_config(config, LoopConfig(batch_size=4, grad_accum=2), OptimConfig(grad_clip=1.0))
+    plugin = DeepSpeedPlugin(hf_ds_config=config)
+    plugin.set_mixed_precision("fp16")
+    parsed = DeepSpeedConfig(plugin.deepspeed_config)
+    assert parsed.zero_optimization_stage == stage
+    assert parsed.float16_config.enabled and parsed.float16_config.loss_scale == 0  # dynamic loss scaling
+    assert not parsed.bfloat16_config.enabled  # a V100 has no bf16
+    assert (parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) == (4, 2)
+    assert parsed.gradient_clipping == 1.0
+    if stage == 3:
+        assert parsed.zero_config.gather_16bit_weights_on_model_save  # checkpoints gather the shards
+    # A number that disagrees with the job is refused, naming the key and both values.
+    bad = json.loads((CONFIGS / "deepspeed" / f"{name}.json").read_text()) | {"train_micro_batch_size_per_gpu": 8}
+    with pytest.raises(ValueError, match=r"x.json: train_micro_batch_size_per_gpu is 8 but the job says 4"):
+        fill_deepspeed_config(bad, LoopConfig(batch_size=4), OptimConfig(), "x.json")
+    # DeepSpeed's parser itself rejects a misspelt key, so the test above would catch one in our JSON.
+    with pytest.raises(Exception, match="overlap_comn"):
+        DeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage,
+                                                                                    "overlap_comn": True}})
