@@ -204,6 +204,21 @@ def load_test_split(cfg: JobConfig):
     return dataset
 
 
+def comparison_table(results: dict[str, dict], ratios: dict[str, dict], reference: str) -> str:
+    """Markdown: one line per model, quality and efficiency, ratios to `reference` (measured in one process)."""
+    def fmt(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    lines = ["| model | WER | CIDEr-D | params | weight MB | params × | weight bytes × | peak memory × | TTFT × | "
+             "TPOT × |", "|---" * 10 + "|"]
+    for name, r in results.items():
+        q = ratios[name]
+        lines.append(f"| {name} | {fmt(r['wer'], '.3f')} | {fmt(r['cider_d'], '.3f')} | {r['params']:,} | "
+                     f"{r['weight_bytes'] / 2**20:.1f} | {fmt(q['params'], '.3f')} | {fmt(q['weight_bytes'], '.3f')} | "
+                     f"{fmt(q['peak_memory_mb'], '.3f')} | {fmt(q['ttft_ms'], '.3f')} | {fmt(q['tpot_ms'], '.3f')} |")
+    return "\n".join([f"Ratios (×) are to `{reference}`, measured in the same process.", "", *lines])
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_cli(JobConfig, argv)
     if not cfg.models:
@@ -238,7 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "quality": {name: {k: r.get(k) for k in ("wer", "cer", "cider_d", "spider")}
                               for name, r in all_results.items()}}
     (out_root / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
-    print(json.dumps(comparison, indent=2))
+    table = comparison_table(all_results, report["ratios"], report["reference"])
+    (out_root / "table.md").write_text(table + "\n")
+    print(table)
     return all_results
 
 

@@ -6,7 +6,9 @@
 #   bash scripts/distill.sh --force              # rerun stages whose outputs exist
 #   bash scripts/distill.sh data.seed=1          # STAGE.key=value sets `key` in that stage's config
 #
-# Stages and their override prefixes: data, teacher, cache, distill, evaluate
+# Stages and their override prefixes: data, teacher, cache, distill, prune, recover, quantize, evaluate
+# (recover takes distill's config). A stage runs the module its YAML's `job:` names; a preset without a stage's
+# YAML (the real-scale presets have no data.yaml) skips it.
 #
 # Each stage writes its outputs and resolved config under outputs/<preset>/ and is skipped when its
 # output exists and its resolved config is unchanged.
@@ -21,7 +23,7 @@ while [ $# -gt 0 ]; do
     --preset) PRESET="$2"; shift 2 ;;
     --preset=*) PRESET="${1#--preset=}"; shift ;;
     --force) FORCE=(--force); shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *=*) OVERRIDES+=("$1"); shift ;;
     *) echo "unknown argument '$1' (expected --preset NAME, --force or key=value)" >&2; exit 2 ;;
   esac
@@ -38,26 +40,41 @@ cd "$ROOT"
 PY="$ROOT/.venv/bin/python"
 export PYTHONUNBUFFERED=1
 
+STAGES="data teacher cache distill prune recover quantize evaluate"
 for item in "${OVERRIDES[@]}"; do
-  case "${item%%.*}" in
-    data|teacher|cache|distill|evaluate) ;;
-    *) echo "override '$item' names no stage; prefix it with one of: data teacher cache distill evaluate" >&2
+  case " $STAGES " in
+    *" ${item%%.*} "*) ;;
+    *) echo "override '$item' names no stage; prefix it with one of: $STAGES" >&2
        exit 2 ;;
   esac
 done
 
-stage() {  # stage PREFIX MODULE CONFIG: run one stage with the preset's config and its STAGE.key=value overrides
-  local prefix="$1" module="$2" config="$3" mine=()
+stage() {  # stage PREFIX CONFIG [key=value ...]: run the module the YAML's `job:` names, with the preset's config,
+           # the fixed overrides given here, then the user's PREFIX.key=value overrides; no YAML, no stage
+  local prefix="$1" config="$2" mine=() module
+  shift 2
+  if [ ! -f "$config" ]; then
+    echo "=== [$PRESET] $prefix: skipped (the preset has no ${config#"$ROOT"/})"
+    return 0
+  fi
+  module="$(sed -n 's/^job: *//p' "$config" | head -n 1)"
   for item in "${OVERRIDES[@]}"; do
     [ "${item%%.*}" = "$prefix" ] && mine+=("${item#"$prefix".}")
   done
-  echo "=== [$PRESET] $prefix: python -m $module --config ${config#"$ROOT"/} ${FORCE[*]} ${mine[*]}"
-  "$PY" -m "$module" --config "$config" "${FORCE[@]}" "${mine[@]}"
+  echo "=== [$PRESET] $prefix: python -m $module --config ${config#"$ROOT"/} ${FORCE[*]} $* ${mine[*]}"
+  "$PY" -m "$module" --config "$config" "${FORCE[@]}" "$@" "${mine[@]}"
 }
 
-stage data toybench.generate "$CONFIGS/data.yaml"          # toy benchmark (skipped when present)
-stage teacher teacher.train "$CONFIGS/teacher.yaml"         # toy teacher (trained only if missing)
-stage cache teacher.cache "$CONFIGS/cache.yaml"             # teacher cache of the train split
-stage distill distill.train "$CONFIGS/distill.yaml"         # distilled student
-stage evaluate evaluation.run "$CONFIGS/evaluate.yaml"      # every stage on the test split
-echo "=== [$PRESET] results: $ROOT/outputs/$PRESET/eval/ (comparison.json, <model>/results.json)"
+OUT="outputs/$PRESET"
+stage data "$CONFIGS/data.yaml"            # toy benchmark (skipped when present)
+stage teacher "$CONFIGS/teacher.yaml"      # toy teacher (trained only if missing) / official checkpoints assembled
+stage cache "$CONFIGS/cache.yaml"          # teacher cache of the train split
+stage distill "$CONFIGS/distill.yaml"      # distilled student
+stage prune "$CONFIGS/prune.yaml" "model=$OUT/student/model" "output_dir=$OUT/pruned" "log_dir=runs/$PRESET/pruned"
+if [ -f "$CONFIGS/prune.yaml" ]; then      # KD recovery: the distill recipe again, from the pruned student
+  stage recover "$CONFIGS/distill.yaml" "init_from=$OUT/pruned/model" "output_dir=$OUT/recovered" \
+    "log_dir=runs/$PRESET/recovered"
+fi
+stage quantize "$CONFIGS/quantize.yaml" "model=$OUT/recovered/model" "output_dir=$OUT/int8"  # int8 weights
+stage evaluate "$CONFIGS/evaluate.yaml"    # every stage on the test split, ratios to the teacher
+echo "=== [$PRESET] results: $ROOT/$OUT/eval/ (comparison.json, table.md, <model>/results.json)"

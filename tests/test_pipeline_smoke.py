@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from evaluation.results import load_results
 
@@ -29,14 +30,21 @@ def test_smoke_pipeline_end_to_end():
     assert "resumed from" not in proc.stdout  # --force trains from scratch, not from old checkpoints
     out = ROOT / "outputs" / "smoke"
     assert (ROOT / "data" / "smoke" / "manifest.json").is_file()
-    for stage in ("teacher/model", "cache/train-topk32", "student/model"):
-        assert (out / stage / "DONE").is_file() and (out / stage / "config.yaml").is_file(), stage
+    for stage in ("teacher/model", "cache/train-topk32", "student/model", "pruned/model", "recovered/model",
+                  "int8/model"):
+        assert (out / stage / "DONE").is_file() or (out / stage.split("/")[0] / "DONE").is_file(), stage
     for part in ("whisper/config.json", "beats.pt", "llm/config.json", "salmonn.pth", "salmonn.yaml"):
         assert (out / "teacher" / "model" / part).exists(), part
     assert (out / "student" / "model" / "token_pruning.yaml").is_file()
     comparison = json.loads((out / "eval" / "comparison.json").read_text())
-    assert 0 < comparison["ratios"]["student"]["params"] < 1
-    for name in ("teacher", "student"):
+    ratios = comparison["ratios"]
+    assert 0 < ratios["student"]["params"] < 1
+    assert ratios["pruned"]["params"] < ratios["student"]["params"]  # pruning removed weights
+    assert ratios["recovered"]["params"] == ratios["pruned"]["params"]  # recovery trains, does not grow
+    assert ratios["int8"]["weight_bytes"] < 0.75 * ratios["recovered"]["weight_bytes"]  # int8 weights
+    table = (out / "eval" / "table.md").read_text()
+    assert all(f"| {name} |" in table for name in ratios)
+    for name in ("teacher", "student", "pruned", "recovered", "int8"):
         results = load_results(out / "eval" / name / "results.json")
         assert 0 <= results["wer"] and results["cider_d"] >= 0 and results["ttft_ms"] > 0 and results["tpot_ms"] > 0
         assert (out / "eval" / name / "predictions.jsonl").stat().st_size > 0
@@ -47,3 +55,36 @@ def test_smoke_pipeline_end_to_end():
     assert again.returncode == 0, again.stderr[-3000:]
     assert "teacher up to date" in again.stdout and "student up to date" in again.stdout
     assert "teacher cache up to date" in again.stdout
+
+
+@pytest.mark.slow
+def test_smoke_ablation_table_and_figures():
+    """`bash scripts/ablation.sh --preset smoke` after the smoke pipeline: every row of the table with sane values
+    and mean ± std over two seeds, the figures, and a rerun that reuses every finished stage."""
+    if not (ROOT / "outputs" / "smoke" / "student" / "model" / "DONE").is_file():
+        assert run_smoke().returncode == 0
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run(["bash", "scripts/ablation.sh", "--preset", "smoke"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = ROOT / "outputs" / "smoke" / "ablation"
+    rows = json.loads((out / "rows.json").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "smoke" / "ablation.yaml").read_text())
+    assert list(rows) == [r["name"] for r in config["rows"]]
+    for name, row in rows.items():
+        seeds = row["seeds"]
+        assert len(seeds) == (1 if name == "teacher" else 2), name
+        for s in seeds:
+            assert s["wer"] >= 0 and s["cider_d"] >= 0 and s["params_ratio"] > 0 and s["tpot_ms_ratio"] > 0, name
+    assert rows["teacher"]["seeds"][0]["params_ratio"] == 1.0
+    assert rows["student, CE only"]["seeds"][0]["params_ratio"] < 1
+    table = (out / "tables" / "ablation.md").read_text()
+    assert all(f"| {name} |" in table for name in rows) and " ± " in table
+    assert (out / "tables" / "ablation.csv").is_file() and (out / "tables" / "ablation.tex").is_file()
+    figures = ROOT / "outputs" / "smoke" / "figures"
+    for png in ("pareto.png", "token_keep.png"):
+        assert (figures / png).stat().st_size > 10_000, png
+
+    again = subprocess.run(["bash", "scripts/ablation.sh", "--preset", "smoke"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "reuse" in again.stdout and " -m distill.train " not in again.stdout

@@ -1,0 +1,19 @@
+"""`python -m experiments ablation --config ...` runs the ablation table; `python -m experiments figures` draws."""
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    commands = ("ablation", "figures")
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m experiments {{{'|'.join(commands)}}} [--config YAML] [key=value ...]", file=sys.stderr)
+        return 2
+    if argv[0] == "ablation":
+        from experiments.ablation import main as run
+    else:
+        from experiments.figures import main as run
+    return run(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

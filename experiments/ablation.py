@@ -1,0 +1,352 @@
+"""The ablation table: every row a chain of pipeline stages, every cell a mean ± std over seeds.
+
+    python -m experiments ablation --config configs/toy/ablation.yaml [only='["+ forward KL"]']
+    bash scripts/ablation.sh                       # the same, for the toy preset
+
+A row lists the stages that make its model, each a config of the preset (`distill` is
+`configs/<preset>/distill.yaml`) with `key=value` overrides, where `{prev}` stands for the previous stage's output
+(a model folder, a cache, a data file). Each stage runs as its own process, exactly as `scripts/distill.sh` runs
+it, in a folder named by a hash of everything that determines its result (job, base config text, overrides,
+inputs, seed): rows that share a stage share its run, and a row finished earlier is reused, not rerun. The
+model is then scored by `evaluation.run`, with the teacher measured in the same process as the reference of the
+efficiency ratios.
+
+Outputs: `<table_dir>/<table_name>.{md,csv,tex}` (each row with the command that reproduces it),
+`<table_dir>/<table_name>_commands.md` (every stage command of every row and seed), and
+`<output_dir>/rows.json` (the per-seed values the figures read).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import ConfigError, load_job_config, parse_cli, read_yaml
+
+QUALITY = ("wer", "cider_d", "spice", "spider")
+RATIOS = ("params", "weight_bytes", "peak_memory_mb", "ttft_ms", "tpot_ms")
+HEADERS = {"wer": "WER", "cider_d": "CIDEr-D", "spice": "SPICE", "spider": "SPIDEr", "params": "params ×",
+           "weight_bytes": "weight bytes ×", "peak_memory_mb": "peak memory ×", "ttft_ms": "TTFT ×",
+           "tpot_ms": "TPOT ×"}
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """How the runner drives one stage job: where its seed goes and what `{prev}` means after it."""
+
+    seed_key: str | None
+    """Dotted config key that takes the row's seed (None: the job has no randomness of its own)."""
+    output: str
+    """Path under the job's `output_dir` of what the next stage consumes ('' = the folder itself)."""
+
+
+STAGE_IO = {
+    "distill.train": StageIO("loop.seed", "model"),
+    "distill.sequence_kd": StageIO(None, "train.json"),
+    "teacher.cache": StageIO("seed", ""),
+    "prune.structured": StageIO("seed", "model"),
+    "prune.quantize": StageIO(None, "model"),
+}
+
+
+@dataclass
+class StageRun:
+    config: str = ""
+    """A stage config of the preset by name: `distill` runs `configs/<preset>/distill.yaml`."""
+    overrides: list[str] = field(default_factory=list)
+    """`key=value` overrides for that config; `{prev}` is replaced by the previous stage's output."""
+    seeded: bool = True
+    """Give this stage the row's seed; false runs it once for all seeds (e.g. a teacher cache)."""
+
+
+@dataclass
+class Row:
+    name: str = ""
+    stages: list[StageRun] = field(default_factory=list)
+    """The stages that produce the row's model, in order; empty when `path` names a finished model."""
+    path: str = ""
+    """A finished model folder (the teacher's row); used instead of stages."""
+    loader: str = "student.build:load_student_folder"
+    """`module:function` that loads the row's final model for evaluation."""
+    tags: dict[str, float] = field(default_factory=dict)
+    """What the figures plot the row against: `keep_ratio` (BEATs tokens kept), `prune_ratio` and `recovery`
+    (0/1), `int8` (0/1)."""
+
+
+@dataclass
+class TeacherRef:
+    path: str = "outputs/toy/teacher/model"
+    loader: str = "teacher.checkpoint:load_model_folder"
+
+
+@dataclass
+class JobConfig:
+    """Run the ablation rows, score them, write the table."""
+
+    preset: str = "toy"
+    """Stage configs come from `configs/<preset>/`."""
+    configs_root: str = "configs"
+    teacher: TeacherRef = field(default_factory=TeacherRef)
+    """The reference of every efficiency ratio, measured in each row's evaluation process."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    rows: list[Row] = field(default_factory=list)
+    evaluate: list[str] = field(default_factory=list)
+    """Overrides for `configs/<preset>/evaluate.yaml` in every row's evaluation (e.g. `max_clips_per_task=100`)."""
+    only: list[str] = field(default_factory=list)
+    """Run and tabulate only these rows (by name); empty = all."""
+    output_dir: str = "outputs/toy/ablation"
+    runs_dir: str = "runs/toy/ablation"
+    """TensorBoard logs of every training stage: `<runs_dir>/<stage folder name>/`."""
+    table_dir: str = "paper/tables"
+    table_name: str = "ablation"
+    config_path: str = ""
+    """Set by the runner to the YAML it was started with (for the commands it prints); leave empty."""
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def stage_job(cfg: JobConfig, stage: StageRun) -> tuple[str, Path]:
+    path = Path(cfg.configs_root) / cfg.preset / f"{stage.config}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"ablation config: stage config '{stage.config}' → {path} does not exist; name a file of "
+                         f"{path.parent}/ without .yaml")
+    job = read_yaml(path).get("job", "")
+    if job not in STAGE_IO:
+        raise SystemExit(f"ablation config: {path} runs job '{job}', which the ablation cannot chain; known jobs: "
+                         f"{', '.join(sorted(STAGE_IO))} (add it to experiments.ablation.STAGE_IO)")
+    return job, path
+
+
+@dataclass
+class PlannedStage:
+    job: str
+    config: Path
+    overrides: list[str]
+    output_dir: Path
+    produces: Path
+
+    @property
+    def command(self) -> list[str]:
+        return ["python", "-m", self.job, "--config", str(self.config), *self.overrides]
+
+
+def plan_row(cfg: JobConfig, row: Row, seed: int) -> tuple[list[PlannedStage], Path]:
+    """The stages of one row and seed, with their folders, and the path of the model they end in."""
+    if row.path:
+        if row.stages:
+            raise SystemExit(f"ablation config: row '{row.name}' has both `path` and `stages`; give one")
+        return [], Path(row.path)
+    if not row.stages:
+        raise SystemExit(f"ablation config: row '{row.name}' has neither `stages` nor `path`")
+    planned: list[PlannedStage] = []
+    prev: Path | None = None
+    for i, stage in enumerate(row.stages):
+        job, path = stage_job(cfg, stage)
+        io = STAGE_IO[job]
+        overrides = []
+        for item in stage.overrides:
+            if "{prev}" in item:
+                if prev is None:
+                    raise SystemExit(f"ablation config: row '{row.name}' stage {i} ({stage.config}) uses {{prev}} "
+                                     "but is the first stage")
+                item = item.replace("{prev}", str(prev))
+            overrides.append(item)
+        if stage.seeded and io.seed_key:
+            overrides.append(f"{io.seed_key}={seed}")
+        key = _digest(job, path.read_text(), overrides)
+        out = Path(cfg.output_dir) / "stages" / f"{stage.config}-{key}"
+        overrides = [*overrides, f"output_dir={out}"]
+        if job in ("distill.train",):
+            overrides.append(f"log_dir={Path(cfg.runs_dir) / out.name}")
+        produces = out / io.output if io.output else out
+        planned.append(PlannedStage(job, path, overrides, out, produces))
+        prev = produces
+    return planned, prev
+
+
+def run_logged(command: list[str], log: Path, what: str) -> None:
+    """Run one stage process, its output to `log`; on failure stop with the command and the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, *command[1:]] if command[0] == "python" else command
+    with open(log, "w") as f:
+        code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise SystemExit(f"ablation: {what} failed (exit {code})\n  command: {shlex.join(command)}\n  log: {log}\n"
+                         f"{tail}")
+
+
+def evaluate_model(cfg: JobConfig, row: Row, model: Path, is_teacher: bool) -> tuple[dict, dict, list[str]]:
+    """Score one model (quality, and efficiency against the teacher in the same process): (results, ratios, cmd)."""
+    eval_config = Path(cfg.configs_root) / cfg.preset / "evaluate.yaml"
+    if is_teacher:
+        models = [{"name": "model", "loader": row.loader, "path": str(model)}]
+    else:
+        models = [{"name": "teacher", "loader": cfg.teacher.loader, "path": cfg.teacher.path, "quality": False},
+                  {"name": "model", "loader": row.loader, "path": str(model)}]
+    key = _digest(eval_config.read_text(), models, cfg.evaluate)
+    out = Path(cfg.output_dir) / "eval" / key
+    command = ["python", "-m", "evaluation.run", "--config", str(eval_config), f"models={json.dumps(models)}",
+               *cfg.evaluate, f"output_dir={out}"]
+    done = out / "DONE"
+    if not (done.is_file() and done.read_text() == shlex.join(command)):
+        run_logged(command, out.with_suffix(".log"), f"evaluation of '{row.name}' ({model})")
+        done.write_text(shlex.join(command))
+    results = json.loads((out / "model" / "results.json").read_text())
+    ratios = json.loads((out / "comparison.json").read_text())["ratios"]["model"]
+    return results, ratios, command
+
+
+def run_row(cfg: JobConfig, row: Row) -> dict:
+    """Every seed of one row: run its stages (reusing finished ones), score the model, collect the values."""
+    seeds = cfg.seeds if row.stages else cfg.seeds[:1]  # a finished model has nothing to reseed
+    per_seed, commands = [], []
+    for seed in seeds:
+        planned, model = plan_row(cfg, row, seed)
+        for stage in planned:
+            marker = stage.output_dir / "ABLATION_DONE"
+            if marker.is_file() and marker.read_text() == shlex.join(stage.command):
+                print(f"  [{row.name} | seed {seed}] reuse {stage.output_dir}")
+            else:
+                print(f"  [{row.name} | seed {seed}] {shlex.join(stage.command)}", flush=True)
+                run_logged(stage.command, stage.output_dir.with_suffix(".log"), f"row '{row.name}' seed {seed}")
+                marker.write_text(shlex.join(stage.command))
+        results, ratios, eval_command = evaluate_model(cfg, row, model, is_teacher=not row.stages)
+        values = {k: results.get(k) for k in QUALITY}
+        values.update({f"{k}_ratio": ratios.get(k) for k in RATIOS})
+        values.update({k: results.get(k) for k in RATIOS})
+        per_seed.append({"seed": seed, "model": str(model), **values})
+        commands.append({"seed": seed, "stages": [shlex.join(s.command) for s in planned],
+                         "evaluate": shlex.join(eval_command)})
+        unavailable = results.get("unavailable", {})
+    return {"name": row.name, "tags": row.tags, "seeds": per_seed, "commands": commands,
+            "unavailable": {k: unavailable[k] for k in QUALITY if k in unavailable}}
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n − 1) of the non-null values; std is None for fewer than two."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None, None
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def summarise(row: dict) -> dict[str, tuple[float | None, float | None]]:
+    cells = {k: mean_std([s[k] for s in row["seeds"]]) for k in QUALITY}
+    cells.update({k: mean_std([s[f"{k}_ratio"] for s in row["seeds"]]) for k in RATIOS})
+    return cells
+
+
+def _cell(mean: float | None, std: float | None, digits: int = 3) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def row_command(cfg: JobConfig, name: str) -> str:
+    return f"python -m experiments ablation --config {cfg.config_path} only={shlex.quote(json.dumps([name]))}"
+
+
+def write_tables(cfg: JobConfig, rows: list[dict]) -> list[Path]:
+    """`<table_name>.md`, `.csv`, `.tex` and `_commands.md` under `table_dir`; returns the paths."""
+    out = Path(cfg.table_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = (*QUALITY, *RATIOS)
+    summaries = [summarise(r) for r in rows]
+
+    md = [f"| row | {' | '.join(HEADERS[k] for k in keys)} | seeds |", "|---" * (len(keys) + 2) + "|"]
+    for row, cells in zip(rows, summaries, strict=True):
+        md.append(f"| {row['name']} | " + " | ".join(_cell(*cells[k]) for k in keys) + f" | {len(row['seeds'])} |")
+    unavailable = {k: v for r in rows for k, v in r["unavailable"].items()}
+    notes = [f"- {HEADERS[k]} n/a: {reason}" for k, reason in sorted(unavailable.items())]
+    md_text = "\n".join([
+        f"# Ablation ({cfg.preset} preset)", "",
+        "Quality on the test split; efficiency columns are ratios to the teacher measured in the same process as the",
+        "row's model (× < 1 is smaller / faster). Mean ± sample std over the seeds; rows without stages (the teacher)",
+        "run once.", "", *md, "", *notes, "",
+        f"Regenerate everything: `python -m experiments ablation --config {cfg.config_path}`; one row: the command in",
+        f"`{cfg.table_name}.csv`; every stage command: `{cfg.table_name}_commands.md`.", ""])
+    md_path = out / f"{cfg.table_name}.md"
+    md_path.write_text(md_text)
+
+    csv_path = out / f"{cfg.table_name}.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", *[f"{k}_{s}" for k in keys for s in ("mean", "std")], "seeds", "command"])
+        for row, cells in zip(rows, summaries, strict=True):
+            values = [("" if v is None else f"{v:.6g}") for k in keys for v in cells[k]]
+            writer.writerow([row["name"], *values, len(row["seeds"]), row_command(cfg, row["name"])])
+
+    def tex_escape(text: str) -> str:
+        return text.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_")
+
+    tex = [r"\begin{tabular}{l" + "r" * len(keys) + "}", r"\toprule",
+           "Row & " + " & ".join(tex_escape(HEADERS[k]).replace("×", r"$\times$") for k in keys) + r" \\",
+           r"\midrule"]
+    for row, cells in zip(rows, summaries, strict=True):
+        tex.append(tex_escape(row["name"]) + " & "
+                   + " & ".join(_cell(*cells[k]).replace("±", r"$\pm$") for k in keys) + r" \\")
+    tex += [r"\bottomrule", r"\end{tabular}", ""]
+    tex_path = out / f"{cfg.table_name}.tex"
+    tex_path.write_text("\n".join(tex))
+
+    lines = [f"# Commands behind {cfg.table_name}.md", ""]
+    for row in rows:
+        lines += [f"## {row['name']}", "", f"    {row_command(cfg, row['name'])}", ""]
+        for entry in row["commands"]:
+            lines.append(f"seed {entry['seed']}:")
+            lines += ["", *[f"    {c}" for c in entry["stages"]], f"    {entry['evaluate']}", ""]
+    commands_path = out / f"{cfg.table_name}_commands.md"
+    commands_path.write_text("\n".join(lines))
+    return [md_path, csv_path, tex_path, commands_path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, _ = parse_cli(JobConfig, argv)
+    if not cfg.config_path and "--config" in argv:
+        cfg.config_path = argv[argv.index("--config") + 1]
+    names = [row.name for row in cfg.rows]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates or not all(names):
+        raise SystemExit(f"ablation config: every row needs a unique `name` (repeated: {duplicates})")
+    unknown = [n for n in cfg.only if n not in names]
+    if unknown:
+        raise SystemExit(f"ablation: only={unknown} names no row; rows: {names}")
+    rows = [row for row in cfg.rows if not cfg.only or row.name in cfg.only]
+    for row in rows:  # plan and check everything first, so a typo in the last row stops before hours of work
+        for stage in plan_row(cfg, row, cfg.seeds[0])[0]:
+            try:
+                load_job_config(stage.config, stage.overrides)
+            except ConfigError as err:
+                raise SystemExit(f"ablation config: row '{row.name}', stage {stage.config.stem}: {err}") from None
+    done_path = Path(cfg.output_dir) / "rows.json"
+    previous = json.loads(done_path.read_text()) if done_path.is_file() else {}
+    results = []
+    for row in rows:
+        print(f"=== row: {row.name}", flush=True)
+        results.append(run_row(cfg, row))
+        previous[row.name] = results[-1]
+        done_path.parent.mkdir(parents=True, exist_ok=True)
+        done_path.write_text(json.dumps(previous, indent=1) + "\n")
+    table_rows = [previous[n] for n in names if n in previous]  # the whole table, in config order
+    for path in write_tables(cfg, table_rows):
+        print(f"wrote {path}")
+    print(Path(cfg.table_dir, f"{cfg.table_name}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

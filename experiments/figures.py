@@ -1,0 +1,222 @@
+"""The paper's figures, drawn from training logs and ablation results (nothing is re-measured here).
+
+    python -m experiments figures [--preset toy] [--out paper/figures]
+
+Reads `runs/<preset>/<run>/metrics.jsonl` (every training run's scalars, written by common.tracking),
+`outputs/<preset>/ablation/rows.json` (from `python -m experiments ablation`) and
+`outputs/<preset>/bench/token_pruning.json` (from `python -m student.token_pruning --out ...`), and writes:
+
+- `loss_<run>.png`: every loss term of a training run, one panel each, against the step;
+- `pareto.png`: WER and CIDEr-D against the parameter ratio to the teacher, every ablation row a point
+  (mean ± std over seeds), the Pareto front drawn through the rows no other row beats on both axes;
+- `token_keep.png`: BEATs token keep ratio against caption quality (SPIDEr where it was computed, else
+  CIDEr-D, as the axis says) and against BEATs latency and FLOPs ratios;
+- `pruning.png`: structured pruning ratio against WER and CIDEr-D, without and with KD recovery.
+
+A figure whose inputs are missing is skipped with a line saying which file would make it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common.tracking import read_metrics  # noqa: E402
+from experiments.ablation import mean_std  # noqa: E402
+
+NOT_LOSSES = ("lr", "grad_norm", "tokens_per_s", "memory_mb", "skipped_steps", "aligned_fraction", "carried_mass")
+
+
+def loss_terms(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """`train/<term>` series of a run (steps, values), leaving out what is not a loss (lr, grad norm, ...)."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for record in records:
+        for key, value in record.items():
+            if not key.startswith("train/") or key.split("/", 1)[1] in NOT_LOSSES or value is None:
+                continue
+            steps, values = series.setdefault(key.split("/", 1)[1], ([], []))
+            steps.append(record["step"])
+            values.append(float(value))
+    return series
+
+
+def plot_losses(run_dir: Path, out: Path) -> Path | None:
+    series = loss_terms(read_metrics(run_dir))
+    if not series:
+        return None
+    cols = min(3, len(series))
+    rows = (len(series) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, (term, (steps, values)) in zip(axes.flat, sorted(series.items()), strict=False):
+        ax.plot(steps, values, lw=1.2)
+        ax.set_title(term)
+        ax.set_xlabel("step")
+        if min(values) > 0 and max(values) / max(min(values), 1e-12) > 20:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    fig.suptitle(f"loss terms: {run_dir}")
+    fig.tight_layout()
+    path = out / f"loss_{'_'.join(run_dir.parts[-2:])}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def row_points(rows: list[dict], x: str, y: str) -> list[tuple[str, float, float, float | None]]:
+    """(name, x mean, y mean, y std) of every row with both values."""
+    points = []
+    for row in rows:
+        xm, _ = mean_std([s.get(x) for s in row["seeds"]])
+        ym, ys = mean_std([s.get(y) for s in row["seeds"]])
+        if xm is not None and ym is not None:
+            points.append((row["name"], xm, ym, ys))
+    return points
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (smaller x; smaller y, or larger y), sorted by x."""
+    front, best = [], None
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1])):
+        if best is None or (y > best if higher_is_better else y < best):
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plot_pareto(rows: list[dict], out: Path) -> Path | None:
+    panels = [("wer", "WER (lower is better)", False), ("cider_d", "CIDEr-D (higher is better)", True)]
+    if not any(row_points(rows, "params_ratio", key) for key, _, _ in panels):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, (key, label, higher) in zip(axes, panels, strict=True):
+        points = row_points(rows, "params_ratio", key)
+        for name, x, y, std in points:
+            ax.errorbar(x, y, yerr=std or 0.0, fmt="o", capsize=3)
+            ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        front = pareto_front([(x, y) for _, x, y, _ in points], higher)
+        if len(front) > 1:
+            ax.plot(*zip(*front, strict=True), "k--", lw=1, label="Pareto front")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xlabel("parameters / teacher's")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("quality against size, every ablation row (mean ± std over seeds)")
+    fig.tight_layout()
+    path = out / "pareto.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def tagged(rows: list[dict], tag: str) -> list[dict]:
+    return [row for row in rows if tag in row.get("tags", {})]
+
+
+def plot_token_keep(rows: list[dict], bench: dict | None, out: Path) -> Path | None:
+    keep_rows = tagged(rows, "keep_ratio")
+    if not keep_rows and not bench:
+        return None
+    fig, (ax_q, ax_c) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if keep_rows:
+        metric = "spider" if all(s.get("spider") is not None for r in keep_rows for s in r["seeds"]) else "cider_d"
+        pts = sorted((r["tags"]["keep_ratio"], *mean_std([s.get(metric) for s in r["seeds"]])) for r in keep_rows)
+        ax_q.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt="o-",
+                      capsize=3)
+        ax_q.set_ylabel("SPIDEr" if metric == "spider" else "CIDEr-D (SPICE unavailable, so no SPIDEr)")
+    else:
+        ax_q.text(0.5, 0.5, "no ablation rows tagged keep_ratio", ha="center", transform=ax_q.transAxes)
+    ax_q.set_xlabel("BEATs patch tokens kept")
+    ax_q.set_title("caption quality")
+    ax_q.grid(alpha=0.3)
+    if bench:
+        bench_rows = sorted(bench["rows"], key=lambda r: r["keep_ratio"])
+        ax_c.plot([r["keep_ratio"] for r in bench_rows], [r["latency_ratio"] for r in bench_rows], "o-",
+                  label="latency (median)")
+        ax_c.plot([r["keep_ratio"] for r in bench_rows], [r["flops_ratio"] for r in bench_rows], "s--", label="FLOPs")
+        ax_c.legend(fontsize=8)
+        settings = bench.get("settings", {})
+        ax_c.set_title(f"BEATs cost, {settings.get('seconds', '?')} s clip, batch 1, {settings.get('device', 'cpu')}")
+    else:
+        ax_c.text(0.5, 0.5, "no token-pruning bench JSON", ha="center", transform=ax_c.transAxes)
+    ax_c.set_xlabel("BEATs patch tokens kept")
+    ax_c.set_ylabel("ratio to keeping every token")
+    ax_c.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "token_keep.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_pruning(rows: list[dict], out: Path) -> Path | None:
+    pruned = tagged(rows, "prune_ratio")
+    if not pruned:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in zip(axes, ("wer", "cider_d"), ("WER", "CIDEr-D"), strict=True):
+        for recovery, style in ((0, "o--"), (1, "s-")):
+            group = [r for r in pruned if int(r["tags"].get("recovery", 0)) == recovery
+                     and not r["tags"].get("int8")]
+            pts = sorted((r["tags"]["prune_ratio"], *mean_std([s.get(key) for s in r["seeds"]])) for r in group)
+            pts = [p for p in pts if p[1] is not None]
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt=style,
+                            capsize=3, label="KD recovery" if recovery else "no recovery")
+        ax.set_xlabel("structured pruning ratio")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("structured pruning of the distilled student, with and without KD recovery")
+    fig.tight_layout()
+    path = out / "pruning.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments figures", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="toy")
+    parser.add_argument("--runs", nargs="*", help="run folders with metrics.jsonl (default: runs/<preset>/* "
+                        "except the ablation's)")
+    parser.add_argument("--rows", help="ablation rows.json (default: outputs/<preset>/ablation/rows.json)")
+    parser.add_argument("--bench", help="token-pruning bench JSON (default: outputs/<preset>/bench/token_pruning.json)")
+    parser.add_argument("--out", default="paper/figures")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path | None] = []
+    run_dirs = [Path(r) for r in args.runs] if args.runs is not None else sorted(
+        p.parent for p in Path("runs", args.preset).glob("*/metrics.jsonl"))
+    for run_dir in run_dirs:
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise SystemExit(f"figures: {run_dir}/metrics.jsonl does not exist; name run folders written by a "
+                             "training job (runs/<preset>/<run>/)")
+        written.append(plot_losses(run_dir, out))
+    rows_path = Path(args.rows or Path("outputs", args.preset, "ablation", "rows.json"))
+    bench_path = Path(args.bench or Path("outputs", args.preset, "bench", "token_pruning.json"))
+    rows = list(json.loads(rows_path.read_text()).values()) if rows_path.is_file() else []
+    bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
+    if not rows:
+        print(f"figures: no ablation rows at {rows_path} (python -m experiments ablation makes them); "
+              "pareto and pruning figures skipped")
+    if bench is None:
+        print(f"figures: no {bench_path} (python -m student.token_pruning --out {bench_path} makes it)")
+    written += [plot_pareto(rows, out), plot_token_keep(rows, bench, out), plot_pruning(rows, out)]
+    for path in written:
+        if path is not None:
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The ablation runner's planning and statistics, and the figures' Pareto front (no training here; the smoke
+pipeline test runs the whole ablation at smoke size)."""
+
+import csv
+import json
+import math
+import statistics
+
+import pytest
+
+from experiments.ablation import JobConfig, Row, StageRun, mean_std, plan_row, write_tables
+from experiments.figures import loss_terms, pareto_front
+
+
+def write_preset(tmp_path):
+    root = tmp_path / "configs"
+    (root / "p").mkdir(parents=True)
+    (root / "p" / "distill.yaml").write_text("job: distill.train\nloop:\n  max_steps: 3\n")
+    (root / "p" / "prune.yaml").write_text("job: prune.structured\n")
+    (root / "p" / "data.yaml").write_text("job: toybench.generate\n")
+    return JobConfig(preset="p", configs_root=str(root), output_dir=str(tmp_path / "out"), runs_dir="runs/x",
+                     config_path="ablation.yaml")
+
+
+def test_plan_chains_prev_and_seed_and_shares_identical_stages(tmp_path):
+    cfg = write_preset(tmp_path)
+    kd = StageRun(config="distill", overrides=["kd.loss=forward_kl"])
+    row_a = Row(name="a", stages=[kd])
+    row_b = Row(name="b", stages=[kd, StageRun(config="prune", overrides=["model={prev}", "ratios.llm_mlp=0.5"])])
+    stages_a, model_a = plan_row(cfg, row_a, seed=1)
+    stages_b, model_b = plan_row(cfg, row_b, seed=1)
+    assert stages_a[0].output_dir == stages_b[0].output_dir  # same job, config, overrides and seed: one run
+    assert model_a == stages_a[0].output_dir / "model"
+    assert "loop.seed=1" in stages_a[0].overrides and f"log_dir=runs/x/{stages_a[0].output_dir.name}" in \
+        stages_a[0].overrides
+    assert f"model={model_a}" in stages_b[1].overrides and "seed=1" in stages_b[1].overrides
+    assert model_b == stages_b[1].output_dir / "model"
+    other_seed, _ = plan_row(cfg, row_a, seed=2)
+    assert other_seed[0].output_dir != stages_a[0].output_dir
+    # The base config's text is part of the key: editing it cannot silently reuse an old run.
+    (tmp_path / "configs" / "p" / "distill.yaml").write_text("job: distill.train\nloop:\n  max_steps: 4\n")
+    assert plan_row(cfg, row_a, seed=1)[0][0].output_dir != stages_a[0].output_dir
+    assert stages_a[0].command[:5] == ["python", "-m", "distill.train", "--config",
+                                       str(tmp_path / "configs" / "p" / "distill.yaml")]
+
+
+def test_plan_rejects_bad_rows(tmp_path):
+    cfg = write_preset(tmp_path)
+    with pytest.raises(SystemExit, match="does not exist"):
+        plan_row(cfg, Row(name="x", stages=[StageRun(config="nope")]), 0)
+    with pytest.raises(SystemExit, match="cannot chain"):
+        plan_row(cfg, Row(name="x", stages=[StageRun(config="data")]), 0)
+    with pytest.raises(SystemExit, match="first stage"):
+        plan_row(cfg, Row(name="x", stages=[StageRun(config="distill", overrides=["init_from={prev}"])]), 0)
+    with pytest.raises(SystemExit, match="neither"):
+        plan_row(cfg, Row(name="x"), 0)
+    stages, model = plan_row(cfg, Row(name="t", path="teacher/model"), 0)
+    assert stages == [] and str(model) == "teacher/model"
+
+
+def test_mean_std_is_the_sample_statistic():
+    values = [0.31, 0.27, 0.35]
+    mean, std = mean_std(values)
+    assert mean == pytest.approx(statistics.mean(values)) and std == pytest.approx(statistics.stdev(values))
+    assert mean_std([0.5, None]) == (0.5, None)
+    assert mean_std([None]) == (None, None)
+
+
+def test_pareto_front():
+    points = [(1.0, 0.30), (0.5, 0.28), (0.25, 0.20), (0.5, 0.10), (0.3, 0.29), (0.9, 0.25)]
+    assert pareto_front(points, higher_is_better=True) == [(0.25, 0.20), (0.3, 0.29), (1.0, 0.30)]
+    wer = [(1.0, 0.1), (0.5, 0.2), (0.25, 0.15), (0.2, 0.5)]
+    assert pareto_front(wer, higher_is_better=False) == [(0.2, 0.5), (0.25, 0.15), (1.0, 0.1)]
+
+
+def test_loss_terms_leave_out_non_losses():
+    records = [{"step": 10, "train/ce": 2.0, "train/kd": 1.0, "train/lr": 1e-3, "eval/wer": 0.5},
+               {"step": 20, "train/ce": 1.5, "train/grad_norm": 3.0}]
+    assert loss_terms(records) == {"ce": ([10, 20], [2.0, 1.5]), "kd": ([10], [1.0])}
+
+
+def test_tables_hold_mean_and_std_per_row(tmp_path):
+    cfg = JobConfig(preset="p", table_dir=str(tmp_path), table_name="t", config_path="configs/p/ablation.yaml")
+    seeds = [{"seed": s, "wer": w, "cider_d": c, "spice": None, "spider": None, "params_ratio": 0.25,
+              "weight_bytes_ratio": 0.25, "peak_memory_mb_ratio": 0.3, "ttft_ms_ratio": 0.6, "tpot_ms_ratio": 0.2}
+             for s, w, c in ((0, 0.2, 0.30), (1, 0.4, 0.34))]
+    rows = [{"name": "kd & co", "tags": {}, "seeds": seeds, "commands": [{"seed": 0, "stages": ["python -m x"],
+             "evaluate": "python -m evaluation.run"}], "unavailable": {"spice": "no SPICE jar"}}]
+    md, csv_path, tex, commands = write_tables(cfg, rows)
+    text = md.read_text()
+    wer_std, cider_std = math.sqrt(0.02), math.sqrt(0.0008)
+    assert f"| kd & co | 0.300 ± {wer_std:.3f} | 0.320 ± {cider_std:.3f} | n/a | n/a | 0.250 ± 0.000 |" in text
+    assert "SPICE n/a: no SPICE jar" in text
+    header, line = list(csv.reader(csv_path.open()))
+    assert header[:4] == ["row", "wer_mean", "wer_std", "cider_d_mean"] and line[:3] == ["kd & co", "0.3", "0.141421"]
+    assert line[-1].endswith(f"only='{json.dumps(['kd & co'])}'")  # the row's own command
+    assert r"kd \& co" in tex.read_text() and r"$\pm$" in tex.read_text()
+    assert "python -m x" in commands.read_text()
+
+
+def test_a_typo_in_any_row_stops_before_anything_runs(tmp_path):
+    from experiments.ablation import main
+
+    cfg = write_preset(tmp_path)
+    config = tmp_path / "ablation.yaml"
+    config.write_text(
+        "job: experiments.ablation\n"
+        f"preset: p\nconfigs_root: {cfg.configs_root}\noutput_dir: {cfg.output_dir}\n"
+        "rows:\n"
+        "  - name: fine\n    stages: [{config: distill, overrides: [kd.loss=reverse_kl]}]\n"
+        "  - name: typo\n    stages: [{config: distill, overrides: [kd.los=reverse_kl]}]\n")
+    with pytest.raises(SystemExit, match=r"row 'typo'.*kd.los.*did you mean 'loss'"):
+        main(["--config", str(config)])
+    assert not (tmp_path / "out").exists()
