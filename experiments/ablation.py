@@ -7,7 +7,8 @@ A row lists the stages that make its model, each a config of the preset (`distil
 `configs/<preset>/distill.yaml`) with `key=value` overrides, where `{prev}` stands for the previous stage's output
 (a model folder, a cache, a data file). Each stage runs as its own process, exactly as `scripts/distill.sh` runs
 it, in a folder named by a hash of everything that determines its result (job, base config text, overrides,
-inputs, seed): rows that share a stage share its run, and a row finished earlier is reused, not rerun. The
+inputs, seed, and the teacher folder's files, so a retrained teacher reruns everything): rows that share a stage
+share its run, and a row finished earlier is reused, not rerun. The
 model is then scored by `evaluation.run`, with the teacher measured in the same process as the reference of the
 efficiency ratios.
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError, load_job_config, parse_cli, read_yaml
+from teacher.cache import teacher_identity
 
 QUALITY = ("wer", "cider_d", "spice", "spider")
 RATIOS = ("params", "weight_bytes", "peak_memory_mb", "ttft_ms", "tpot_ms")
@@ -162,7 +164,7 @@ def plan_row(cfg: JobConfig, row: Row, seed: int) -> tuple[list[PlannedStage], P
             overrides.append(item)
         if stage.seeded and io.seed_key:
             overrides.append(f"{io.seed_key}={seed}")
-        key = _digest(job, path.read_text(), overrides)
+        key = _digest(job, path.read_text(), overrides, teacher_identity(cfg.teacher.path))
         out = Path(cfg.output_dir) / "stages" / f"{stage.config}-{key}"
         overrides = [*overrides, f"output_dir={out}"]
         if job in ("distill.train",):
@@ -193,7 +195,7 @@ def evaluate_model(cfg: JobConfig, row: Row, model: Path, is_teacher: bool) -> t
     else:
         models = [{"name": "teacher", "loader": cfg.teacher.loader, "path": cfg.teacher.path, "quality": False},
                   {"name": "model", "loader": row.loader, "path": str(model)}]
-    key = _digest(eval_config.read_text(), models, cfg.evaluate)
+    key = _digest(eval_config.read_text(), models, cfg.evaluate, teacher_identity(cfg.teacher.path))
     out = Path(cfg.output_dir) / "eval" / key
     command = ["python", "-m", "evaluation.run", "--config", str(eval_config), f"models={json.dumps(models)}",
                *cfg.evaluate, f"output_dir={out}"]

@@ -112,3 +112,16 @@ def test_a_typo_in_any_row_stops_before_anything_runs(tmp_path):
     with pytest.raises(SystemExit, match=r"row 'typo'.*kd.los.*did you mean 'loss'"):
         main(["--config", str(config)])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_retrained_teacher_gets_new_stage_folders(tmp_path):
+    cfg = write_preset(tmp_path)
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "llm.safetensors").write_bytes(b"1234")
+    cfg.teacher.path = str(teacher)
+    row = Row(name="a", stages=[StageRun(config="distill")])
+    before = plan_row(cfg, row, 0)[0][0].output_dir
+    assert plan_row(cfg, row, 0)[0][0].output_dir == before
+    (teacher / "llm.safetensors").write_bytes(b"123456")
+    assert plan_row(cfg, row, 0)[0][0].output_dir != before
