@@ -34,10 +34,25 @@ from experiments.ablation import mean_std  # noqa: E402
 NOT_LOSSES = ("lr", "grad_norm", "tokens_per_s", "memory_mb", "skipped_steps", "aligned_fraction", "carried_mass")
 
 
+def latest_run(records: list[dict]) -> list[dict]:
+    """The records of the run that wrote last into a log folder, which keeps what earlier runs appended there.
+
+    Where the step goes back, a run started again: back to the first step logged (a `--force` rerun) discards all
+    earlier records; back to a later step (a resume from a checkpoint) discards the earlier records from that step
+    on, which the resumed run logs again."""
+    kept: list[dict] = []
+    for record in records:
+        if kept and record["step"] < kept[-1]["step"]:
+            first = min(r["step"] for r in kept)
+            kept = [] if record["step"] <= first else [r for r in kept if r["step"] < record["step"]]
+        kept.append(record)
+    return kept
+
+
 def loss_terms(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     """`train/<term>` series of a run (steps, values), leaving out what is not a loss (lr, grad norm, ...)."""
     series: dict[str, tuple[list[int], list[float]]] = {}
-    for record in records:
+    for record in latest_run(records):
         for key, value in record.items():
             if not key.startswith("train/") or key.split("/", 1)[1] in NOT_LOSSES or value is None:
                 continue
@@ -55,7 +70,7 @@ def plot_losses(run_dir: Path, out: Path) -> Path | None:
     rows = (len(series) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax, (term, (steps, values)) in zip(axes.flat, sorted(series.items()), strict=False):
-        ax.plot(steps, values, lw=1.2)
+        ax.plot(steps, values, lw=1.2, marker="o" if len(steps) < 20 else None, ms=3)
         ax.set_title(term)
         ax.set_xlabel("step")
         if min(values) > 0 and max(values) / max(min(values), 1e-12) > 20:

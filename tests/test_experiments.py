@@ -125,3 +125,14 @@ def test_a_retrained_teacher_gets_new_stage_folders(tmp_path):
     assert plan_row(cfg, row, 0)[0][0].output_dir == before
     (teacher / "llm.safetensors").write_bytes(b"123456")
     assert plan_row(cfg, row, 0)[0][0].output_dir != before
+
+
+def test_only_the_latest_run_of_a_log_folder_is_plotted():
+    from experiments.figures import latest_run
+
+    old = [{"step": s, "train/ce": 9.0} for s in (10, 20, 30)]
+    fresh = [{"step": s, "train/ce": 1.0} for s in (10, 20)]
+    assert latest_run(old + fresh) == fresh  # a --force rerun replaces the old curve
+    resumed = [{"step": s, "train/ce": 2.0} for s in (20, 30, 40)]
+    assert [r["step"] for r in latest_run(old + resumed)] == [10, 20, 30, 40]  # a resume continues it
+    assert latest_run(old + resumed)[1]["train/ce"] == 2.0
