@@ -22,6 +22,10 @@ from common.annotations import DataError, DataReport, Example, read_examples
 from common.audio import SAMPLE_RATE, AudioError, load_audio, peak_dbfs
 from common.features import AudioFeaturizer, FeatureConfig
 
+ENCODER_OUTPUTS = ("speech_encoder_out", "audio_encoder_out")
+"""Item keys of cached frozen-encoder outputs (`common.feature_store.with_encoder_outputs`), `[frames, dim]` each:
+the Whisper encoder's and BEATs' raw outputs for the clip's own audio. The collator right-pads them with zeros."""
+
 DEFAULT_PROMPTS = {
     "asr": "Recognize the speech and give me the transcription.",
     "audiocaption": "Please describe the audio.",
@@ -51,6 +55,9 @@ class DataConfig:
     max_captions_per_clip: int = 0
     """Keep only the first N reference captions of each captioning clip (0 = all). Training may cap this to
     balance tasks; evaluation keeps all, since CIDEr-D and SPICE score against every reference."""
+    max_clips_per_task: int = 0
+    """Use only the first N distinct clips of each task, in file order (0 = all); a kept captioning clip keeps
+    its captions. For short runs whose per-clip work (e.g. cached encoder outputs) should not cover the whole split."""
     bucket_pool_batches: int = 50
     """Duration bucketing sorts pools of this many batches by length; 1 gives random batches."""
 
@@ -66,6 +73,19 @@ def _drop_reason(wav: np.ndarray, cfg: DataConfig) -> str | None:
     if peak_dbfs(wav) < cfg.silence_dbfs:
         return "silent"
     return None
+
+
+def _first_clips(examples: list[Example], limit: int, report: DataReport) -> list[Example]:
+    kept_paths: dict[str, set[str]] = {}
+    kept = []
+    for ex in examples:
+        paths = kept_paths.setdefault(ex.task, set())
+        if ex.path not in paths and len(paths) >= limit:
+            report.dropped["beyond_max_clips_per_task"] += 1  # entries, i.e. captions too
+            continue
+        paths.add(ex.path)
+        kept.append(ex)
+    return kept
 
 
 def _cap_captions(examples: list[Example], limit: int, report: DataReport) -> list[Example]:
@@ -105,6 +125,8 @@ class AudioTextDataset(Dataset):
         examples = read_examples(sources, data_cfg.tasks, data_cfg.on_error, report)
         if data_cfg.max_captions_per_clip:
             examples = _cap_captions(examples, data_cfg.max_captions_per_clip, report)
+        if data_cfg.max_clips_per_task:
+            examples = _first_clips(examples, data_cfg.max_clips_per_task, report)
         kept, durations = [], []
         for ex in tqdm(examples, desc=desc, unit="clip", leave=False):
             try:
@@ -145,7 +167,8 @@ class AudioTextCollator:
     Output keys: `mel` [batch, n_mels, frames] and `mel_frames` [batch] (frames holding audio); `fbank`
     [batch, max_frames, 128] with `fbank_padding_mask` [batch, max_frames] (True = padding, BEATs' convention);
     `texts`, `tasks`, `prompts`, `paths` (lists);
-    `index` [batch]. With a tokenizer also `target_ids` [batch, max_len] (target text + end token, right-padded
+    `index` [batch]; cached encoder outputs (`ENCODER_OUTPUTS`), when the items have them, zero-padded to
+    [batch, max_frames, dim]. With a tokenizer also `target_ids` [batch, max_len] (target text + end token, right-padded
     with the pad id) and `labels` (the same with -100 at padding, ignored by the loss).
     """
 
@@ -166,6 +189,9 @@ class AudioTextCollator:
         }
         if "fbank" in items[0]:
             batch["fbank"], batch["fbank_padding_mask"] = pad_sequences([it["fbank"] for it in items])
+        for key in ENCODER_OUTPUTS:
+            if key in items[0]:
+                batch[key] = pad_sequences([it[key] for it in items])[0]
         if self.tokenizer is not None:
             batch["target_ids"], batch["labels"] = self.tokenize_targets(batch["texts"])
         return batch

@@ -4,12 +4,17 @@ Computing Whisper's log-mel and BEATs' fbank costs tens of milliseconds per clip
 toy model's training step spends on the clip, so the toy pipeline computes them once per split (in parallel)
 and every stage (teacher training, teacher cache, distillation, evaluation) memory-maps the same file.
 The file name carries a hash of the clips and the feature settings, so a change of either rebuilds it.
+
+Outputs of frozen encoders (SALMONN's Whisper and BEATs never change while the Q-Former, projection and LoRA
+train) are cached the same way (`with_encoder_outputs`): computed once per distinct clip, read by every epoch
+and by the teacher cache, in a file whose name also carries a fingerprint of the encoders' weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -20,7 +25,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from common.audio import load_audio
-from common.dataset import AudioTextDataset
+from common.dataset import AudioTextCollator, AudioTextDataset
 from common.features import AudioFeaturizer, FeatureConfig
 
 
@@ -147,3 +152,102 @@ def with_feature_store(dataset: AudioTextDataset, feature_cfg: FeatureConfig, st
     if not path.is_file():
         build_store(dataset, feature_cfg, path, workers)
     return StoredFeatureDataset(dataset, path)
+
+
+# ----- cached outputs of frozen encoders ---------------------------------------------------------------------
+
+
+def build_encoder_store(dataset, encode: Callable[[dict], dict[str, list[torch.Tensor]]], path: Path,
+                        batch_size: int = 16, dtype: torch.dtype = torch.float16) -> None:
+    """Run `encode` over every distinct clip of `dataset` once and write its outputs to `path`, atomically.
+
+    `encode(batch)` maps a collated batch (`AudioTextCollator`) to `{key: [[frames_i, dim] per row]}`. Clips go in
+    order of duration, so batches hold similar lengths. The file holds, per key, the rows concatenated
+    (`key` `[Σ frames_i, dim]`) and their offsets (`key_offsets` `[N + 1]`), N = distinct clips.
+    """
+    unique, index = unique_clips(dataset)
+    first = {}
+    for item, row in enumerate(index):
+        first.setdefault(row, item)
+    order = sorted(range(len(unique)), key=lambda row: dataset.durations[first[row]])
+    collate = AudioTextCollator()
+    outputs: dict[str, list] = {}
+    for start in tqdm(range(0, len(order), batch_size), desc=f"encoder outputs {path.name}", unit="batch"):
+        rows = order[start : start + batch_size]
+        batch = collate([dataset[first[row]] for row in rows])
+        for key, tensors in encode(batch).items():
+            slots = outputs.setdefault(key, [None] * len(unique))
+            for row, tensor in zip(rows, tensors, strict=True):
+                slots[row] = tensor.to(dtype).contiguous()
+    tensors = {}
+    for key, rows in outputs.items():
+        lengths = torch.tensor([0] + [t.shape[0] for t in rows])
+        tensors[key] = torch.cat(rows)
+        tensors[f"{key}_offsets"] = torch.cumsum(lengths, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"clips": str(len(unique)), "keys": ",".join(sorted(outputs))})
+    tmp.replace(path)
+
+
+class EncoderOutputDataset(Dataset):
+    """A dataset whose items also carry cached encoder outputs of their clip (`[frames, dim]` float32 per key).
+
+    Everything else (`examples`, `durations`, `report`, `prompt`, items' features and texts) is the wrapped
+    dataset's."""
+
+    def __init__(self, dataset, path: Path):
+        self.dataset = dataset
+        self.path = path
+        self.rows = unique_clips(dataset)[1]
+        with safe_open(str(path), framework="pt") as f:
+            self.keys = sorted(k for k in f.keys() if not k.endswith("_offsets"))
+        self._file = None
+
+    @property
+    def examples(self):
+        return self.dataset.examples
+
+    @property
+    def durations(self):
+        return self.dataset.durations
+
+    @property
+    def report(self):
+        return self.dataset.report
+
+    def prompt(self, ex) -> str:
+        return self.dataset.prompt(ex)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        if self._file is None:
+            self._file = safe_open(str(self.path), framework="pt")
+        item = self.dataset[index]
+        row = self.rows[index]
+        for key in self.keys:
+            start, end = self._file.get_slice(f"{key}_offsets")[row : row + 2].tolist()
+            item[key] = self._file.get_slice(key)[start:end].float()
+        return item
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None
+        return state
+
+
+def with_encoder_outputs(dataset, encode: Callable[[dict], dict[str, list[torch.Tensor]]], fingerprint: str,
+                         feature_cfg: FeatureConfig, store_dir: str | Path, name: str, batch_size: int = 16,
+                         dtype: torch.dtype = torch.float16) -> EncoderOutputDataset:
+    """`dataset` with each clip's encoder outputs from `store_dir/<name>-<clips hash>-<fingerprint>.safetensors`,
+    computed by `encode` if that file is missing.
+
+    `fingerprint` must change whenever the outputs would (the encoders' weights and output rules, e.g.
+    `Salmonn.encoder_fingerprint`); the clips hash covers the clip list and the feature settings.
+    """
+    path = Path(store_dir) / f"{name}-{store_key(dataset, feature_cfg)}-{fingerprint}.safetensors"
+    if not path.is_file():
+        build_encoder_store(dataset, encode, path, batch_size, dtype)
+    return EncoderOutputDataset(dataset, path)

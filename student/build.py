@@ -62,6 +62,13 @@ class StudentConfig:
     lora: LoraSpec = field(default_factory=lambda: LoraSpec(enabled=False))
     freeze_whisper: bool = False
     freeze_beats: bool = False
+    whisper_pad_to_longest: bool | None = None
+    """None: the student's Whisper reads what the teacher's does; true: only up to each batch's longest clip (the
+    student trains that way, so it learns the shorter windows: less work than a pretrained teacher's whole chunk);
+    false: the whole chunk."""
+    projector_from_teacher: bool = False
+    """Start from the teacher's projection instead of a fresh one: for an LLM made from the teacher's own (e.g. width
+    pruned, LoRA merged), whose embedding space the teacher's projection already writes into."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
 
@@ -106,10 +113,15 @@ def student_salmonn_config(cfg: StudentConfig, teacher_cfg: SalmonnConfig, whisp
                                      encoder_attention_heads=w.encoder_attention_heads,
                                      encoder_ffn_dim=w.encoder_ffn_dim,
                                      num_mel_bins=w.num_mel_bins, max_source_positions=w.max_source_positions,
-                                     pad_to_longest=teacher_cfg.whisper.pad_to_longest, freeze=cfg.freeze_whisper),
+                                     pad_to_longest=student_pad_to_longest(cfg, teacher_cfg),
+                                     freeze=cfg.freeze_whisper),
         beats=dataclasses.replace(teacher_cfg.beats, path="", freeze=cfg.freeze_beats),
         qformer=teacher_cfg.qformer, llm=cfg.llm, lora=cfg.lora, prompt=cfg.prompt,
     )
+
+
+def student_pad_to_longest(cfg: StudentConfig, teacher_cfg: SalmonnConfig) -> bool:
+    return teacher_cfg.whisper.pad_to_longest if cfg.whisper_pad_to_longest is None else cfg.whisper_pad_to_longest
 
 
 def build_student(cfg: StudentConfig, teacher_folder: str | Path) -> tuple[Salmonn, SalmonnConfig]:
@@ -126,8 +138,14 @@ def build_student(cfg: StudentConfig, teacher_folder: str | Path) -> tuple[Salmo
     if cfg.lora.enabled:
         llm = apply_lora(llm, cfg.lora)
     model = Salmonn(whisper, beats, copy.deepcopy(teacher.qformer), llm, tokenizer, cfg.prompt,
-                    pad_to_longest=teacher.pad_to_longest)
+                    pad_to_longest=student_pad_to_longest(cfg, teacher_cfg))
     model.ln_speech.load_state_dict(teacher.ln_speech.state_dict())
+    if cfg.projector_from_teacher:
+        if model.projector.weight.shape != teacher.projector.weight.shape:
+            shapes = tuple(teacher.projector.weight.shape), tuple(model.projector.weight.shape)
+            raise ValueError(f"student.projector_from_teacher: the teacher's projection is {shapes[0]}, the "
+                             f"student's {shapes[1]}; the student's LLM must have the teacher's hidden size")
+        model.projector.load_state_dict(teacher.projector.state_dict())
     if beats is not None:
         model.ln_audio.load_state_dict(teacher.ln_audio.state_dict())
     model.speech_encoder.requires_grad_(not cfg.freeze_whisper)

@@ -30,6 +30,7 @@ from teacher.checkpoint import load_model_folder
 from teacher.qformer import num_windows
 from teacher.salmonn import shift_for_next_token
 from teacher.sparse import sampled_sparse, topk_sparse
+from teacher.train import with_cached_encoders
 
 
 @dataclass
@@ -42,6 +43,9 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     feature_store: str = ""
+    encoder_store: str = ""
+    """Folder of cached frozen-encoder outputs (`teacher.train`'s `encoder_store`): the teacher's training already
+    wrote them for the same clips and encoder weights, so this job reads them instead of running the encoders."""
     split: Literal["train", "valid", "test"] = "train"
     mode: Literal["topk", "sampled"] = "topk"
     k: int = 32
@@ -93,7 +97,7 @@ def load_teacher(cfg: JobConfig):
 @torch.inference_mode()
 def teacher_outputs(model, batch: dict, cfg: JobConfig, generator: torch.Generator) -> list[CachedSample]:
     """Teacher-forced pass → one CachedSample per row (targets, sparse distribution, Q-Former outputs)."""
-    out = model(batch)
+    out = model(batch, target_logits_only=True)
     logits, labels = shift_for_next_token(out.logits, out.labels)
     windows = own_windows(batch["mel_frames"], model.qformer.cfg, out.qformer_out.shape[1])
     samples = []
@@ -127,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.feature_store:
         dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, cfg.split)
     model = load_teacher(cfg)
+    if cfg.encoder_store:
+        dataset = with_cached_encoders(model, dataset, cfg.features, cfg.encoder_store, cfg.split)
     collate = AudioTextCollator(model.tokenizer)
     writer = CacheWriter(out_dir, cache_identity(cfg, model.tokenizer), sample_keys(dataset), cfg.shard_size,
                          force=force)

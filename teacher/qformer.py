@@ -35,6 +35,11 @@ class QFormerConfig:
     second_stride: float = 0.333333
     dropout: float = 0.1
     """Hidden and attention dropout (BERT's 0.1)."""
+    trim_to_audio: bool = False
+    """Read only encoder frames that hold audio: frames past each clip's end are zeroed (BEATs' padding already
+    is) and the batch is cut to its longest clip, so the LLM gets the windows over the audio (3 per second)
+    instead of the whole chunk's (SALMONN: 88 for 30 s, false). A clip's encoder outputs then depend on that
+    clip alone, which lets frozen encoders' outputs be computed once and cached (`common.feature_store`)."""
 
 
 def window_frames(cfg: QFormerConfig) -> tuple[int, int]:

@@ -20,10 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.dataset import ENCODER_OUTPUTS
 from evaluation.interface import AudioLanguageModel
 from teacher.qformer import WindowQFormer
 
 SPEECH_PLACEHOLDER = "<SpeechHere>"
+SPEECH_OUT, AUDIO_OUT = ENCODER_OUTPUTS
+"""Batch keys of cached raw encoder outputs; `join_encoders` uses them instead of running the encoders."""
+BEATS_PATCH_FRAMES = 16
+"""fbank frames (10 ms) per BEATs time patch."""
 
 
 def run_whisper_encoder(encoder: nn.Module, mel: torch.Tensor) -> torch.Tensor:
@@ -59,6 +64,25 @@ def crop_mel(batch: dict) -> torch.Tensor:
     return batch["mel"][..., : longest + longest % 2]
 
 
+def speech_frames(batch: dict) -> torch.Tensor:
+    """Whisper encoder frames (20 ms) that hold each clip's audio, `[batch]`, from `mel_frames` (10 ms)."""
+    return (batch["mel_frames"] + 1) // 2
+
+
+def whole_patch_padding(fbank: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """fbank padding mask `[batch, frames]` (True = padding) that also covers each clip's last, incomplete patch.
+
+    BEATs' official mask keeps a patch whose frames are only partly padding, so a clip would get one more patch,
+    holding zeros, when batched with a longer clip than alone (where the convolution drops the incomplete
+    patch). Masking it makes a clip's tokens the same in any batch.
+    """
+    frames = torch.full((fbank.shape[0],), fbank.shape[1], device=fbank.device)
+    if padding_mask is not None:
+        frames = (~padding_mask).sum(1)
+    whole = frames // BEATS_PATCH_FRAMES * BEATS_PATCH_FRAMES
+    return torch.arange(fbank.shape[1], device=fbank.device)[None] >= whole[:, None]
+
+
 @dataclass
 class PromptConfig:
     template: str = "USER: {}\nASSISTANT:"
@@ -72,9 +96,10 @@ class ForwardOutput:
     """Teacher-forced pass over wrapped sequences."""
 
     logits: torch.Tensor
-    """`[batch, seq, vocab]` LLM logits; position t predicts token t + 1."""
+    """`[batch, seq, vocab]` LLM logits; position t predicts token t + 1. With `target_logits_only`, only a window
+    of positions: from the one before the first target of any row to the last target of any row."""
     labels: torch.Tensor
-    """`[batch, seq]` input ids at target positions, -100 elsewhere (aligned with the inputs, not shifted)."""
+    """`[batch, seq]` input ids at target positions, -100 elsewhere (aligned with `logits`, not shifted)."""
     loss: torch.Tensor
     """Mean next-token cross-entropy over target tokens (fp32)."""
     qformer_out: torch.Tensor
@@ -131,32 +156,103 @@ class Salmonn(AudioLanguageModel):
     def llm_dtype(self) -> torch.dtype:
         return self.llm.get_input_embeddings().weight.dtype
 
+    @property
+    def trim_to_audio(self) -> bool:
+        return self.qformer.cfg.trim_to_audio
+
     def join_encoders(self, batch: dict) -> torch.Tensor:
         """Both encoders, layer-normed, joined frame by frame: `[batch, frames, d_whisper (+ d_beats)]`.
 
         The shorter sequence is zero-padded at the end (SALMONN's rule): BEATs' time-major tokens arrive at
         8 per 160 ms, the same average rate as Whisper's 20 ms frames, so index i pairs roughly equal times.
+        Cached raw outputs in the batch (`speech_encoder_out`, `audio_encoder_out`, zero-padded) stand in for
+        running the encoders.
         """
-        dtype = next(self.speech_encoder.parameters()).dtype
-        mel = crop_mel(batch) if self.pad_to_longest else batch["mel"]
-        speech = run_whisper_encoder(self.speech_encoder, mel.to(dtype))
-        speech = self.ln_speech(speech)
+        speech = batch[SPEECH_OUT] if SPEECH_OUT in batch else self.encode_speech(batch)
+        speech = self.ln_speech(speech.to(self.ln_speech.weight.dtype))
         if self.audio_encoder is None:
             return speech
-        audio = self.encode_beats(batch)
-        audio = self.ln_audio(audio)
+        audio = batch[AUDIO_OUT] if AUDIO_OUT in batch else self.encode_beats(batch)
+        audio = self.ln_audio(audio.to(self.ln_audio.weight.dtype))
         length = max(speech.shape[1], audio.shape[1])
         speech = F.pad(speech, (0, 0, 0, length - speech.shape[1]))
         audio = F.pad(audio, (0, 0, 0, length - audio.shape[1]))
         return torch.cat([speech, audio.to(speech.dtype)], dim=-1)
 
+    def encode_speech(self, batch: dict) -> torch.Tensor:
+        """Whisper encoder output `[batch, frames, d_whisper]` (before `ln_speech`).
+
+        With `trim_to_audio`, frames past each clip's audio are zeroed and the batch is cut to its longest clip.
+        """
+        dtype = next(self.speech_encoder.parameters()).dtype
+        mel = crop_mel(batch) if self.pad_to_longest else batch["mel"]
+        speech = run_whisper_encoder(self.speech_encoder, mel.to(dtype))
+        if not self.trim_to_audio:
+            return speech
+        lengths = speech_frames(batch).to(speech.device).clamp(max=speech.shape[1])
+        padding = torch.arange(speech.shape[1], device=speech.device)[None] >= lengths[:, None]
+        return speech.masked_fill(padding.unsqueeze(-1), 0.0)[:, : int(lengths.max())]
+
     def encode_beats(self, batch: dict) -> torch.Tensor:
-        """BEATs features `[batch, tokens, d_beats]` of the batch's fbank (padding positions zeroed)."""
+        """BEATs features `[batch, tokens, d_beats]` of the batch's fbank (padding positions zeroed).
+
+        With `trim_to_audio`, a clip's last, incomplete patch counts as padding and the batch is cut to its
+        longest clip's tokens, so a clip's features do not depend on its batch.
+        """
         dtype = next(self.audio_encoder.parameters()).dtype
-        features, mask = self.audio_encoder.forward_fbank(batch["fbank"].to(dtype), batch.get("fbank_padding_mask"))
+        mask = batch.get("fbank_padding_mask")
+        if self.trim_to_audio:
+            mask = whole_patch_padding(batch["fbank"], mask)
+        features, mask = self.audio_encoder.forward_fbank(batch["fbank"].to(dtype), mask)
         if mask is not None:
             features = features.masked_fill(mask.unsqueeze(-1), 0.0)
+            if self.trim_to_audio:
+                features = features[:, : int((~mask).sum(1).max())]
         return features
+
+    # ----- cached outputs of frozen encoders -------------------------------------------------------------
+    def cacheable_encoders(self) -> list[str]:
+        """Batch keys (`speech_encoder_out`, `audio_encoder_out`) of the encoders whose outputs can be computed
+        once per clip and cached: frozen (no trainable parameter) and with an output for a clip that does not
+        depend on the rest of its batch (Whisper unless `pad_to_longest`; BEATs only with `trim_to_audio`)."""
+        frozen = lambda module: not any(p.requires_grad for p in module.parameters())
+        keys = []
+        if frozen(self.speech_encoder) and not self.pad_to_longest:
+            keys.append(SPEECH_OUT)
+        if self.audio_encoder is not None and frozen(self.audio_encoder) and self.trim_to_audio:
+            keys.append(AUDIO_OUT)
+        return keys
+
+    @torch.no_grad()
+    def encoder_outputs(self, batch: dict, keys: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+        """Per clip, the raw outputs `join_encoders` reads for `keys`: `{key: [[frames_i, dim], ...]}` (float32).
+
+        Each clip keeps its own frames: with `trim_to_audio` those holding its audio (the rest are zeros in any
+        batch), otherwise all of them."""
+        out = {}
+        if SPEECH_OUT in keys:
+            speech = self.encode_speech(batch).float()
+            lengths = speech_frames(batch).clamp(max=speech.shape[1]) if self.trim_to_audio else None
+            out[SPEECH_OUT] = [speech[i, : int(lengths[i])] if lengths is not None else speech[i]
+                               for i in range(speech.shape[0])]
+        if AUDIO_OUT in keys:
+            mask = whole_patch_padding(batch["fbank"], batch.get("fbank_padding_mask"))
+            tokens = (~mask).sum(1) // BEATS_PATCH_FRAMES * 8  # 8 frequency patches per 160 ms
+            audio = self.encode_beats(batch).float()
+            out[AUDIO_OUT] = [audio[i, : int(tokens[i])] for i in range(audio.shape[0])]
+        return out
+
+    def encoder_fingerprint(self, keys: Sequence[str]) -> str:
+        """Hash of what the cached outputs of `keys` depend on: those encoders' weights and the output rules."""
+        import hashlib
+
+        h = hashlib.sha256(repr((sorted(keys), self.trim_to_audio, self.pad_to_longest)).encode())
+        for key, module in ((SPEECH_OUT, self.speech_encoder), (AUDIO_OUT, self.audio_encoder)):
+            if key in keys:
+                for name, tensor in sorted(module.state_dict().items()):
+                    h.update(name.encode())
+                    h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def audio_queries(self, batch: dict) -> torch.Tensor:
         """Q-Former outputs `[batch, windows × queries, qformer_dim]`."""
@@ -217,12 +313,22 @@ class Salmonn(AudioLanguageModel):
         return inputs, mask, out_labels
 
     # ----- training ----------------------------------------------------------------------------------------
-    def forward(self, batch: dict) -> ForwardOutput:
-        """Teacher-forced pass on a collated batch with `target_ids` / `labels`."""
+    def forward(self, batch: dict, target_logits_only: bool = False) -> ForwardOutput:
+        """Teacher-forced pass on a collated batch with `target_ids` / `labels`.
+
+        `target_logits_only` computes the LM head only over the window of positions that predict a target (the
+        loss is the same): with a 49k vocabulary the head is a fifth of a small LLM's work at every position.
+        """
         queries = self.audio_queries(batch)
         audio = self.projector(queries).to(self.llm_dtype)
         inputs, mask, labels = self.wrap(audio, batch["prompts"], batch["target_ids"], batch["labels"])
-        logits = self.llm(inputs_embeds=inputs, attention_mask=mask).logits
+        if target_logits_only:
+            targets = (labels != -100).any(0).nonzero()[:, 0]
+            window = torch.arange(int(targets[0]) - 1, int(targets[-1]) + 1, device=labels.device)
+            logits = self.llm(inputs_embeds=inputs, attention_mask=mask, logits_to_keep=window).logits
+            labels = labels[:, window]
+        else:
+            logits = self.llm(inputs_embeds=inputs, attention_mask=mask).logits
         shifted_logits, shifted_labels = shift_for_next_token(logits, labels)
         loss = F.cross_entropy(shifted_logits.float().reshape(-1, logits.shape[-1]), shifted_labels.reshape(-1),
                                ignore_index=-100)

@@ -1,0 +1,225 @@
+"""Cached outputs of frozen encoders (the mini preset's teacher recipe), on tiny random models and real audio files.
+
+- `trim_to_audio` makes a clip's encoder outputs independent of its batch, so cached outputs give exactly the loss
+  and Q-Former outputs of running the frozen encoders;
+- the LM head over the target window only gives the same loss;
+- `teacher.train` with BEATs tagging pretraining and an encoder store: BEATs changes, the frozen Whisper does not,
+  and `teacher.cache` reuses the store the training wrote;
+- `data.max_clips_per_task` keeps the first clips of each task with all their captions.
+"""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+from tiny_salmonn import write_official_layout
+
+from common.dataset import ENCODER_OUTPUTS, AudioTextCollator, AudioTextDataset, DataConfig
+from common.feature_store import with_encoder_outputs
+from common.features import FeatureConfig
+from teacher.build import build_salmonn
+from teacher.checkpoint import load_model_folder
+from teacher.salmonn import AUDIO_OUT, SPEECH_OUT, shift_for_next_token
+from teacher.train import average_precision, caption_tags
+
+torch.set_num_threads(1)
+FEATURES = FeatureConfig(whisper_chunk_seconds=2)  # the tiny Whisper reads 2 s (max_source_positions 100)
+SECONDS = [0.73, 1.31, 1.9, 0.55, 1.12]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoder_cache")
+    cfg = write_official_layout(root / "official")
+    rng = np.random.default_rng(0)
+    entries = []
+    texts = ["the cat sat", "hello world", "the dog runs on the mat"]
+    for i, seconds in enumerate(SECONDS):
+        sf.write(root / f"{i}.wav", (0.3 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
+        if i < 3:
+            entries.append({"path": f"{i}.wav", "text": texts[i], "task": "asr"})
+        else:
+            for caption in (f"a high tone then {i} beeps", f"{i} short beeps after a high tone"):
+                entries.append({"path": f"{i}.wav", "text": caption, "task": "audiocaption"})
+    (root / "train.json").write_text(json.dumps({"annotation": entries}))
+    return root, cfg
+
+
+def trimmed(cfg):
+    """The tiny SALMONN reading only the frames that hold audio, both encoders frozen, in eval mode."""
+    cfg = dataclasses.replace(cfg, checkpoint="", qformer=dataclasses.replace(cfg.qformer, trim_to_audio=True))
+    torch.manual_seed(0)
+    model, _ = build_salmonn(cfg)
+    return model.eval()
+
+
+def dataset(root, **data):
+    return AudioTextDataset.scan([str(root / "train.json")], DataConfig(**data), FEATURES)
+
+
+def cached_dataset(model, ds, store, dtype=torch.float32):
+    keys = model.cacheable_encoders()
+    encode = lambda batch: model.encoder_outputs(batch, keys)
+    return with_encoder_outputs(ds, encode, model.encoder_fingerprint(keys), FEATURES, store, "train", batch_size=2,
+                                dtype=dtype)
+
+
+def test_a_clips_encoder_outputs_do_not_depend_on_its_batch(setup):
+    root, cfg = setup
+    model = trimmed(cfg)
+    ds = dataset(root)
+    collate = AudioTextCollator()
+    with torch.no_grad():
+        alone = model.encoder_outputs(collate([ds[0]]), [SPEECH_OUT, AUDIO_OUT])
+        batched = model.encoder_outputs(collate([ds[0], ds[2]]), [SPEECH_OUT, AUDIO_OUT])
+        joined_alone = model.join_encoders(collate([ds[0]]))
+        joined = model.join_encoders(collate([ds[0], ds[2]]))
+    # 0.73 s: 73 mel frames -> 37 Whisper frames; 71 fbank frames -> 4 whole 160 ms patches x 8 = 32 BEATs tokens
+    assert alone[SPEECH_OUT][0].shape == (37, 32) and alone[AUDIO_OUT][0].shape == (32, 24)
+    for key in (SPEECH_OUT, AUDIO_OUT):
+        torch.testing.assert_close(batched[key][0], alone[key][0], atol=1e-5, rtol=1e-5)
+    # The batch is cut to its longest clip (1.9 s -> 95 frames), not Whisper's whole 2 s chunk (100 frames).
+    assert joined_alone.shape[1] == 37 and joined.shape[1] == 95
+    torch.testing.assert_close(joined[0, :37], joined_alone[0], atol=1e-5, rtol=1e-5)
+    # Past the clip's audio the joined frames are the layer norms' biases (of zeros), in any batch.
+    expected = torch.cat([model.ln_speech.bias, model.ln_audio.bias])
+    torch.testing.assert_close(joined[0, 40:], expected.expand(55, -1))
+
+
+def test_cached_outputs_give_the_loss_of_the_frozen_encoders(setup, tmp_path):
+    root, cfg = setup
+    model = trimmed(cfg)
+    assert model.cacheable_encoders() == [SPEECH_OUT, AUDIO_OUT]
+    ds = dataset(root)
+    cached = cached_dataset(model, ds, tmp_path)
+    assert cached.keys == sorted(ENCODER_OUTPUTS) and len(cached) == len(ds) == 7
+    collate = AudioTextCollator(model.tokenizer)
+    rows = [1, 3, 4, 6]  # different lengths, a captioning clip twice; the store ran other batches
+    with torch.no_grad():
+        live = model(collate([ds[i] for i in rows]))
+        batch = collate([cached[i] for i in rows])
+        assert batch[SPEECH_OUT].shape[0] == 4 and batch[AUDIO_OUT].shape[2] == 24
+        # The cached batch never runs an encoder: break them to prove it.
+        model.speech_encoder.forward = model.audio_encoder.forward_fbank = None
+        from_cache = model(batch)
+    torch.testing.assert_close(from_cache.qformer_out, live.qformer_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_cache.loss, live.loss, atol=1e-5, rtol=1e-5)
+    # float16 storage (the default) moves the loss by a rounding error only.
+    model = trimmed(cfg)
+    half = cached_dataset(model, ds, tmp_path / "half", dtype=torch.float16)
+    with torch.no_grad():
+        loss16 = model(collate([half[i] for i in rows])).loss
+    torch.testing.assert_close(loss16, live.loss, atol=2e-3, rtol=1e-3)
+
+
+def test_store_is_rebuilt_when_an_encoder_changes(setup, tmp_path):
+    root, cfg = setup
+    model = trimmed(cfg)
+    ds = dataset(root)
+    first = cached_dataset(model, ds, tmp_path).path
+    assert cached_dataset(model, ds, tmp_path).path == first  # reused
+    with torch.no_grad():
+        model.audio_encoder.encoder.layers[0].fc1.weight.add_(0.01)
+    second = cached_dataset(model, ds, tmp_path).path
+    assert second != first and len(list(tmp_path.glob("train-*.safetensors"))) == 2
+
+
+def test_which_encoders_can_be_cached(setup):
+    _, cfg = setup
+    model = trimmed(cfg)
+    model.audio_encoder.requires_grad_(True)
+    assert model.cacheable_encoders() == [SPEECH_OUT]  # a BEATs that trains runs at every step
+    model.pad_to_longest = True
+    assert model.cacheable_encoders() == []  # Whisper over the batch's longest clip: depends on the batch
+    untrimmed, _ = build_salmonn(dataclasses.replace(cfg, checkpoint=""))
+    assert untrimmed.cacheable_encoders() == [SPEECH_OUT]  # BEATs keeps a clip's partly padded last patch
+
+
+def test_lm_head_over_the_target_window_gives_the_same_loss(setup):
+    root, cfg = setup
+    model = trimmed(cfg)
+    ds = dataset(root)
+    batch = AudioTextCollator(model.tokenizer)([ds[i] for i in (0, 2, 5)])
+    with torch.no_grad():
+        full = model(batch)
+        window = model(batch, target_logits_only=True)
+    assert window.logits.shape[1] < full.logits.shape[1]
+    torch.testing.assert_close(window.loss, full.loss, atol=1e-6, rtol=1e-6)
+    full_logits, full_labels = shift_for_next_token(full.logits, full.labels)
+    logits, labels = shift_for_next_token(window.logits, window.labels)
+    for row in range(3):
+        torch.testing.assert_close(logits[row][labels[row] != -100], full_logits[row][full_labels[row] != -100],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_max_clips_per_task_keeps_the_first_clips_with_all_captions(setup):
+    root, _ = setup
+    ds = dataset(root, max_clips_per_task=1)
+    assert [(ex.task, ex.path.rsplit("/", 1)[-1]) for ex in ds.examples] == [
+        ("asr", "0.wav"), ("audiocaption", "3.wav"), ("audiocaption", "3.wav")]
+    assert ds.report.dropped["beyond_max_clips_per_task"] == 4  # entries: 2 ASR clips, 1 clip with 2 captions
+
+
+def test_caption_tags_are_shares_of_the_clips_captions(setup):
+    root, _ = setup
+    tags, targets = caption_tags(dataset(root), min_clips=2)
+    assert tags == ["a", "after", "beeps", "high", "short", "then", "tone"]  # "3" and "4" name one clip each
+    clip = targets[str(root / "3.wav")]
+    assert dict(zip(tags, clip.tolist(), strict=True)) == {"a": 1.0, "after": 0.5, "beeps": 1.0, "high": 1.0,
+                                                           "short": 0.5, "then": 0.5, "tone": 1.0}
+
+
+def test_average_precision_by_hand():
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.1])
+    positive = torch.tensor([True, False, True, False])
+    assert average_precision(scores, positive) == pytest.approx((1 / 1 + 2 / 3) / 2)  # hits at ranks 1 and 3
+    assert average_precision(-scores, positive) == pytest.approx((1 / 2 + 2 / 4) / 2)
+
+
+@pytest.mark.slow
+def test_teacher_recipe_pretrains_beats_caches_encoders_and_the_cache_job_reuses_them(setup, tmp_path):
+    from teacher.cache import main as cache_main
+    from teacher.train import main as train_main
+
+    root, cfg = setup
+    official = root / "official"
+    config = {
+        "job": "teacher.train",
+        "model": {"whisper": {"path": str(official / "whisper"), "freeze": True},
+                  "beats": {"path": str(official / "beats.pt"), "freeze": True},
+                  "qformer": {**dataclasses.asdict(cfg.qformer), "trim_to_audio": True},
+                  "llm": {"path": str(official / "llm"), "freeze": True},
+                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "data": {"train": [str(root / "train.json")], "valid": [str(root / "train.json")]},
+        "features": {"whisper_chunk_seconds": 2},
+        "feature_store": str(tmp_path / "features"),
+        "encoder_store": str(tmp_path / "encoders"),
+        "beats_pretrain": {"steps": 3, "batch_size": 2, "min_clips": 2, "warmup_steps": 1},
+        "loop": {"max_steps": 2, "batch_size": 3, "log_every": 1, "eval_every": 100, "save_every": 100},
+        "optim": {"lr": 1.0e-3, "warmup_steps": 1},
+        "validation": {"max_clips_per_task": 2, "max_new_tokens": 3},
+        "output_dir": str(tmp_path / "teacher"),
+        "log_dir": str(tmp_path / "runs"),
+    }
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(config))
+    assert train_main(["--config", str(tmp_path / "teacher.yaml")]) == 0
+    folder = tmp_path / "teacher" / "model"
+    teacher = load_model_folder(folder)
+    original = torch.load(official / "beats.pt", weights_only=True)["model"]
+    saved = teacher.audio_encoder.state_dict()
+    assert not torch.equal(saved["encoder.layers.0.fc1.weight"], original["encoder.layers.0.fc1.weight"])
+    assert "head.weight" not in saved and teacher.audio_encoder.predictor is None  # the tagging head is dropped
+    whisper = build_salmonn(dataclasses.replace(cfg, checkpoint=""))[0].speech_encoder.state_dict()
+    assert all(torch.equal(v, whisper[k]) for k, v in teacher.speech_encoder.state_dict().items())  # frozen
+    stores = sorted((tmp_path / "encoders").glob("train-*.safetensors"))
+    assert [p.stem.split("-")[1] for p in stores] == [AUDIO_OUT, SPEECH_OUT]  # one file per encoder
+    for path, key in zip(stores, (AUDIO_OUT, SPEECH_OUT), strict=True):
+        assert path.stem.endswith(teacher.encoder_fingerprint([key]))  # the outputs of the saved encoders
+    assert cache_main([f"teacher_folder={folder}", f"data.train=[{root / 'train.json'}]",
+                       "features.whisper_chunk_seconds=2", f"feature_store={tmp_path / 'features'}",
+                       f"encoder_store={tmp_path / 'encoders'}", "k=4", f"output_dir={tmp_path / 'cache'}"]) == 0
+    assert sorted((tmp_path / "encoders").glob("train-*.safetensors")) == stores  # reused, not recomputed
