@@ -24,7 +24,15 @@ from transformers import AutoConfig, Gemma2Config, LlamaConfig, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from teacher.beats import BEATs, BEATsConfig
-from teacher.build import BeatsEncoderConfig, LLMConfig, LoraSpec, WhisperEncoderConfig, apply_lora, load_tokenizer
+from teacher.build import (
+    BeatsEncoderConfig,
+    LLMConfig,
+    LoraSpec,
+    WhisperEncoderConfig,
+    apply_lora,
+    keep_whisper_heads,
+    load_tokenizer,
+)
 from teacher.qformer import QFormerConfig, WindowQFormer
 
 WHISPER = {
@@ -154,18 +162,6 @@ def kept_units(total: int, ratio: float) -> int:
     return max(1, total - math.floor(total * ratio + 1e-9))
 
 
-def _narrow_whisper_heads(encoder: WhisperEncoder, heads: int) -> None:
-    """Every layer's attention with `heads` heads of the original head width (what head pruning leaves)."""
-    for layer in encoder.layers:
-        attn = layer.self_attn
-        inner = heads * attn.head_dim
-        for name in ("q_proj", "k_proj", "v_proj"):
-            old = getattr(attn, name)
-            setattr(attn, name, nn.Linear(old.in_features, inner, bias=old.bias is not None))
-        attn.out_proj = nn.Linear(inner, attn.out_proj.out_features, bias=attn.out_proj.bias is not None)
-        attn.num_heads = heads
-
-
 class MetaSalmonn(nn.Module):
     """SALMONN's parts on the meta device, under `Salmonn`'s attribute names (so parameter names match it).
 
@@ -230,7 +226,7 @@ def build_meta(whisper: WhisperConfig, beats: BEATsConfig | None, qformer: QForm
         speech = WhisperEncoder(whisper)
         heads = kept_units(whisper.encoder_attention_heads, prune_ratio)
         if heads != whisper.encoder_attention_heads:
-            _narrow_whisper_heads(speech, heads)
+            keep_whisper_heads(speech, heads)
         audio = BEATs(beats) if beats is not None else None
         encoder_dim = whisper.d_model + (beats.encoder_embed_dim if beats is not None else 0)
         window_qformer = WindowQFormer(qformer, encoder_dim)
