@@ -33,3 +33,32 @@ def test_qformer_ctc_scores_the_transcript_tokens_over_each_clips_windows(tmp_pa
     terms["loss"].backward()
     assert trainer.qformer_head.weight.grad.abs().sum() > 0
     assert model.qformer.query_tokens.grad.abs().sum() > 0  # the aid trains the Q-Former itself
+
+
+def test_audio_token_aligner_scores_each_target_token_by_its_best_own_window(tmp_path):
+    from teacher.train import AudioTokenAligner
+
+    torch.manual_seed(0)
+    model, _ = build_salmonn(write_official_layout(tmp_path))
+    tok = model.tokenizer
+    texts = ["the cat", "a dog barks"]
+    vocab = sorted({t for text in texts for t in tok(text, add_special_tokens=False)["input_ids"]})
+    aligner = AudioTokenAligner(model, vocab, norm_weight=0.1)
+    batch = tiny_batch()
+    batch["texts"], batch["tasks"] = texts, ["asr", "audiocaption"]
+    batch["mel_frames"] = torch.tensor([150, 200])
+    terms = aligner(batch)
+
+    # Written out: cosine of every own window's projected query with every vocab embedding, best window per token.
+    audio = model.projector(model.audio_queries(batch)).float()
+    emb = model.llm.get_input_embeddings().weight.detach().float()[vocab]
+    own = [num_windows(75, model.qformer.cfg), num_windows(100, model.qformer.cfg)]
+    logits = torch.stack([(F.normalize(audio[i, :own[i]], dim=-1) @ F.normalize(emb, dim=-1).T).max(0).values
+                          for i in range(2)]) * 10.0 - 4.0
+    target = torch.tensor([[float(t in tok(text, add_special_tokens=False)["input_ids"]) for t in vocab]
+                           for text in texts])
+    norm = torch.cat([audio[i, :own[i]].norm(dim=-1) for i in range(2)]).mean()
+    expected = F.binary_cross_entropy_with_logits(logits, target) + 0.1 * (norm / emb.norm(dim=-1).mean() - 1) ** 2
+    assert torch.allclose(terms["loss"], expected, atol=1e-5)
+    terms["loss"].backward()
+    assert model.qformer.query_tokens.grad.abs().sum() > 0 and model.llm.get_input_embeddings().weight.grad is None
