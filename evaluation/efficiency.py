@@ -446,7 +446,7 @@ def compare(models: Mapping[str, AudioLanguageModel], clips: Sequence[Batch], cf
         "settings": _settings(models, clips, cfg),
         "reference": reference,
         "models": reports,
-        "ratios": {name: _ratios(reports[name], reports[reference]) for name in names},
+        "ratios": {name: ratios(reports[name], reports[reference]) for name in names},
     }
 
 
@@ -576,12 +576,20 @@ def _throughput_summary(seconds: list[float], cfg: EfficiencyConfig) -> dict[str
     }
 
 
-def _ratios(report: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, float | None]:
-    ratios = {}
+def ratios(report: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, float | None]:
+    """`report / reference` over `RATIO_KEYS` (None where either is unavailable or the reference is 0)."""
+    out = {}
     for key in RATIO_KEYS:
         value, base = report[key], reference[key]
-        ratios[key] = None if value is None or base is None or base == 0 else value / base
-    return ratios
+        out[key] = None if value is None or base is None or base == 0 else value / base
+    return out
+
+
+def release_memory() -> None:
+    """Give freed tensors' memory back (host garbage, and the CUDA caching allocator's blocks) between models."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _settings(models: Mapping[str, AudioLanguageModel], clips: Sequence[Batch],

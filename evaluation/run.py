@@ -14,6 +14,7 @@ import importlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,11 +23,12 @@ from tqdm import tqdm
 from common.audio import SAMPLE_RATE, load_audio
 from common.config import parse_cli, save_resolved
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
+from common.device import InferenceDtype, place_for_inference
 from common.feature_store import with_feature_store
 from common.features import AudioFeaturizer, FeatureConfig
 from evaluation.asr_metrics import NORMALIZER_NAME, asr_scores
 from evaluation.caption_metrics import caption_scores
-from evaluation.efficiency import EfficiencyConfig, compare
+from evaluation.efficiency import EfficiencyConfig, compare, ratios, release_memory
 from evaluation.interface import AudioLanguageModel
 from evaluation.results import QUALITY_KEYS, build_results, efficiency_metrics, format_summary, write_results
 
@@ -69,17 +71,25 @@ class JobConfig:
     batch_size: int = 16
     threads: int = 0
     """torch CPU threads (0 = leave torch's default); timings are only comparable at equal threads."""
+    device: str = "auto"
+    """auto (the GPU if there is one), cpu, cuda or cuda:N; every model runs there."""
+    dtype: InferenceDtype = "auto"
+    """Weights' dtype: auto is float16 on a GPU (V100: no bf16) and float32 on the CPU; int8 weights only move."""
+    load: Literal["together", "one_at_a_time"] = "together"
+    """together: every model in memory at once, timed interleaved in one run (what a noisy CPU needs for
+    ratios); one_at_a_time: each model loaded, timed and scored alone, then freed (a 13B teacher and its students
+    do not fit one 32 GB V100 together); the ratios then come from separate runs."""
     caption_cache_dir: str = ""
     """Where the caption metrics' jars are linked (empty: ~/.cache/smolt/caption_metrics)."""
     output_dir: str = "outputs/eval"
 
 
-def load_model(ref: ModelRef) -> AudioLanguageModel:
+def load_model(ref: ModelRef, device: str = "cpu", dtype: InferenceDtype = "float32") -> AudioLanguageModel:
     module_name, _, function = ref.loader.partition(":")
     if not function:
         raise ValueError(f"models[{ref.name}].loader must be 'module:function', got {ref.loader!r}")
     model = getattr(importlib.import_module(module_name), function)(ref.path)
-    return model.eval()
+    return place_for_inference(model, device, dtype)
 
 
 def select_clips(dataset, max_per_task: int) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
@@ -230,18 +240,28 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = load_test_split(cfg)
     print(f"test split: {dataset.report.summary()}")
     cache_dir = Path(cfg.caption_cache_dir) if cfg.caption_cache_dir else None
-    models = {ref.name: load_model(ref) for ref in cfg.models}
     clips = efficiency_clips(dataset, cfg)
-    report = compare(models, clips, cfg.efficiency, reference=cfg.models[0].name)
+    if cfg.load == "together":
+        models = {ref.name: load_model(ref, cfg.device, cfg.dtype) for ref in cfg.models}
+        report = compare(models, clips, cfg.efficiency, reference=cfg.models[0].name)
+    else:  # one model in memory at a time: efficiency from separate runs, ratios formed afterwards
+        models, report = {}, {"models": {}}
     all_results = {}
     for ref in cfg.models:
+        if cfg.load == "one_at_a_time":
+            models[ref.name] = load_model(ref, cfg.device, cfg.dtype)
+            alone = compare({ref.name: models[ref.name]}, clips, cfg.efficiency)
+            report["settings"] = alone["settings"]
+            report["models"][ref.name] = alone["models"][ref.name]
+        model = models[ref.name]
         if ref.quality:
-            metrics, settings, unavailable = quality(models[ref.name], dataset, cfg, out_root / ref.name, cache_dir)
+            metrics, settings, unavailable = quality(model, dataset, cfg, out_root / ref.name, cache_dir)
         else:
             metrics, settings = {}, {}
             unavailable = {key: "quality not scored in this run (models[].quality: false)" for key in QUALITY_KEYS}
         eff_values, eff_unavailable = efficiency_metrics(report["models"][ref.name])
         settings["efficiency"] = report["settings"]
+        settings["placement"] = {"device": str(model.device), "dtype": cfg.dtype, "load": cfg.load}
         results = build_results({**metrics, **eff_values}, settings, {**unavailable, **eff_unavailable},
                                 model=ref.name, path=ref.path, efficiency=report["models"][ref.name])
         write_results(out_root / ref.name / "results.json", results)
@@ -249,6 +269,13 @@ def main(argv: list[str] | None = None) -> dict:
         (out_root / ref.name / "summary.txt").write_text(summary + "\n")
         print(summary)
         all_results[ref.name] = results
+        if cfg.load == "one_at_a_time":
+            del models[ref.name], model
+            release_memory()
+    if cfg.load == "one_at_a_time":
+        reference = cfg.models[0].name
+        report["reference"] = reference
+        report["ratios"] = {name: ratios(r, report["models"][reference]) for name, r in report["models"].items()}
     comparison = {"reference": report["reference"], "ratios": report["ratios"],
                   "quality": {name: {k: r.get(k) for k in ("wer", "cer", "cider_d", "spider")}
                               for name, r in all_results.items()}}

@@ -22,8 +22,10 @@ from tqdm import tqdm
 
 from common.config import mark_stage_done, parse_cli, stage_is_current
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
+from common.device import InferenceDtype, place_for_inference
 from common.feature_store import with_feature_store
 from common.features import FeatureConfig
+from evaluation.interface import move_batch
 from teacher.build import SalmonnConfig, build_salmonn
 from teacher.cache_store import CachedSample, CacheIdentity, CacheReader, CacheWriter, config_hash, tokenizer_identity
 from teacher.checkpoint import load_model_folder
@@ -53,6 +55,11 @@ class JobConfig:
     dtype: Literal["float16", "float32"] = "float16"
     shard_size: int = 512
     batch_size: int = 16
+    device: str = "auto"
+    """auto (the GPU if there is one), cpu, cuda or cuda:N."""
+    inference_dtype: InferenceDtype = "auto"
+    """The teacher's weights: auto is float16 on a GPU (a V100 has no bf16), float32 on the CPU. (`dtype` is
+    the cache's storage dtype.)"""
     seed: int = 0
     """Seeds the importance sampling (each shard from seed + shard index, so a resumed run draws the same)."""
     output_dir: str = "outputs/toy/cache/train"
@@ -87,11 +94,12 @@ def cache_identity(cfg: JobConfig, tokenizer) -> CacheIdentity:
 
 def load_teacher(cfg: JobConfig):
     if cfg.teacher_folder:
-        return load_model_folder(cfg.teacher_folder)
-    model, report = build_salmonn(cfg.teacher)
-    if report is not None and report.missing_trained:
-        raise SystemExit(f"teacher checkpoint lacks trained keys:\n{report.summary()}")
-    return model.eval()
+        model = load_model_folder(cfg.teacher_folder)
+    else:
+        model, report = build_salmonn(cfg.teacher)
+        if report is not None and report.missing_trained:
+            raise SystemExit(f"teacher checkpoint lacks trained keys:\n{report.summary()}")
+    return place_for_inference(model, cfg.device, cfg.inference_dtype)
 
 
 @torch.inference_mode()
@@ -139,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     pending = writer.pending_shards()
     print(f"{len(pending)} of {writer.num_shards} shards to compute")
     for shard in tqdm(pending, desc="cache shards", unit="shard"):
-        generator = torch.Generator().manual_seed(cfg.seed + shard.index)
+        generator = torch.Generator(model.device).manual_seed(cfg.seed + shard.index)
         indices = list(shard.sample_indices)
         samples = []
         for start in range(0, len(indices), cfg.batch_size):
-            batch = collate([dataset[i] for i in indices[start : start + cfg.batch_size]])
+            batch = move_batch(collate([dataset[i] for i in indices[start : start + cfg.batch_size]]), model.device)
             samples.extend(teacher_outputs(model, batch, cfg, generator))
         writer.write_shard(shard.index, samples)
     reader = CacheReader(out_dir, expect_teacher=writer.identity.teacher, expect_tokenizer=writer.identity.tokenizer)

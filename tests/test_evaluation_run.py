@@ -92,3 +92,27 @@ def test_hackathon_protocol_times_fixed_length_inputs(setup, tmp_path):
     cfg.efficiency = EfficiencyConfig(protocol="hackathon", input_seconds=10.0)
     with pytest.raises(SystemExit, match="exceeds the Whisper window"):
         efficiency_clips(load_test_split(cfg), cfg)
+
+
+def test_float16_placement_halves_weight_bytes_and_models_can_load_one_at_a_time(setup, tmp_path):
+    root = setup
+    teacher = f"{{name: teacher, path: {root / 'teacher'}}}"
+    common = [f"data.test=[{root / 'test.json'}]",
+              "features.whisper_chunk_seconds=2", "efficiency.timed_runs=1", "efficiency.warmup_runs=0",
+              "efficiency.decode_steps=1", "efficiency.throughput_runs=1", "efficiency.throughput_batch_size=1",
+              "efficiency.max_new_tokens=2", "efficiency_clips=1", "generation.max_new_tokens=3",
+              "max_clips_per_task=2", f"caption_cache_dir={tmp_path / 'jars'}", "device=cpu"]
+    evaluate_main([*common, f"models=[{teacher}]", "dtype=float32", f"output_dir={tmp_path / 'fp32'}"])
+    evaluate_main([*common, f"models=[{teacher}, {{name: copy, path: {root / 'teacher'}}}]", "dtype=float16",
+                   "load=one_at_a_time", f"output_dir={tmp_path / 'fp16'}"])
+    full = load_results(tmp_path / "fp32" / "teacher" / "results.json")
+    half = load_results(tmp_path / "fp16" / "teacher" / "results.json")
+    assert half["settings"]["placement"] == {"device": "cpu", "dtype": "float16", "load": "one_at_a_time"}
+    comparison = json.loads((tmp_path / "fp16" / "comparison.json").read_text())
+    assert comparison["reference"] == "teacher"
+    assert comparison["ratios"]["teacher"]["params"] == comparison["ratios"]["copy"]["params"] == 1.0
+    assert comparison["ratios"]["copy"]["tpot_ms"] > 0
+    assert "| copy |" in (tmp_path / "fp16" / "table.md").read_text()
+    assert half["params"] == full["params"]
+    assert half["weight_bytes"] * 2 == full["weight_bytes"]
+    assert half["wer"] is not None and half["cider_d"] is not None

@@ -15,7 +15,7 @@ from teacher.checkpoint import load_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ["salmonn13b-gemma2b", "salmonn7b-gemma2b"]
-STAGES = ["teacher", "cache", "distill", "evaluate", "estimate"]
+STAGES = ["teacher", "cache", "distill", "prune", "quantize", "evaluate", "estimate"]
 
 
 def strings(value):
@@ -40,8 +40,15 @@ def test_preset_stages_chain_and_match_the_plan(preset):
     assert cfg["cache"].teacher_folder == cfg["distill"].teacher_folder == teacher_folder
     assert cfg["distill"].kd.cache_dir == cfg["cache"].output_dir and cfg["distill"].kd.teacher == "cache"
     assert cfg["cache"].data.train == cfg["distill"].data.train
+    out = f"outputs/{preset}"  # what distill.sh passes the prune, recover and quantize stages
+    assert cfg["prune"].model == f"{cfg['distill'].output_dir}/model" == f"{out}/student/model"
+    assert cfg["prune"].output_dir == f"{out}/pruned"
+    assert cfg["prune"].distill_config == f"configs/{preset}/distill.yaml"
+    assert cfg["quantize"].model == f"{out}/recovered/model" and cfg["quantize"].output_dir == f"{out}/int8"
     assert [(m.name, m.path) for m in cfg["evaluate"].models] == [
-        ("teacher", teacher_folder), ("student", f"{cfg['distill'].output_dir}/model")]
+        ("teacher", teacher_folder), ("student", f"{out}/student/model"), ("pruned", f"{out}/pruned/model"),
+        ("recovered", f"{out}/recovered/model"), ("int8", f"{out}/int8/model")]
+    assert cfg["evaluate"].load == "one_at_a_time" and cfg["evaluate"].dtype == cfg["cache"].inference_dtype == "auto"
     for stage in ("cache", "distill", "evaluate"):  # the real Whisper hears its whole 30 s window at 80 mel bins
         assert (cfg[stage].features.whisper_chunk_seconds, cfg[stage].features.whisper_n_mels) == (30, 80)
     assert cfg["estimate"].teacher_config == f"configs/{preset}/teacher.yaml"

@@ -104,3 +104,27 @@ def test_sampled_cache_and_identity_mismatch(setup, tmp_path):
                                rtol=0)  # proposal = teacher: every weight is 1/k
     with pytest.raises(CacheError, match="mode"):
         open_reader(root, out, expect_mode="topk")
+
+
+def test_float16_teacher_path_stays_close_to_float32(setup, tmp_path):
+    """inference_dtype=float16 (what a V100 runs): the same targets, nearly the same distribution and features."""
+    root = setup
+    full, half = tmp_path / "fp32", tmp_path / "fp16"
+    cache_main(args(root, full, "device=cpu", "inference_dtype=float32"))
+    cache_main(args(root, half, "device=cpu", "inference_dtype=float16"))
+    a, _ = open_reader(root, full)
+    b, _ = open_reader(root, half)
+    assert not all(torch.equal(a[i].qformer, b[i].qformer) for i in range(len(a)))  # it did run in float16
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        assert torch.equal(x.target_ids, y.target_ids)
+        top_x, top_y = x.sparse_ids[:, 0], y.sparse_ids[:, 0]
+        assert (top_x == top_y).float().mean() >= 0.8
+        assert torch.allclose(x.qformer.float(), y.qformer.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_a_gpu_that_is_not_there_is_a_config_error(setup, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match="device='cuda' but this machine has no CUDA GPU"):
+        cache_main(args(setup, tmp_path / "gpu", "device=cuda"))
