@@ -34,7 +34,9 @@ from teacher.cache import teacher_identity
 
 QUALITY = ("wer", "cider_d", "spice", "spider")
 RATIOS = ("params", "weight_bytes", "peak_memory_mb", "ttft_ms", "tpot_ms")
-HEADERS = {"wer": "WER", "cider_d": "CIDEr-D", "spice": "SPICE", "spider": "SPIDEr", "params": "params ×",
+SIZES = ("params_m", "weight_mb")
+HEADERS = {"wer": "WER", "cider_d": "CIDEr-D", "spice": "SPICE", "spider": "SPIDEr", "params_m": "params (M)",
+           "weight_mb": "weights (MiB)", "params": "params ×",
            "weight_bytes": "weight bytes ×", "peak_memory_mb": "peak memory ×", "ttft_ms": "TTFT ×",
            "tpot_ms": "TPOT ×"}
 
@@ -116,6 +118,18 @@ def _digest(*parts: object) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _inputs(overrides: list[str]) -> list:
+    """Stamps (names, sizes, mtimes) of the existing files and folders that literal `key=path` overrides name, so a
+    stage started from a model outside the ablation (`model=outputs/toy/student/model`) reruns when it changes."""
+    stamps = []
+    for item in overrides:
+        value = Path(item.partition("=")[2])
+        if item.partition("=")[2] and value.exists():
+            stamps.append(teacher_identity(str(value)) if value.is_dir()
+                          else [str(value), value.stat().st_size, value.stat().st_mtime_ns])
+    return stamps
+
+
 def stage_job(cfg: JobConfig, stage: StageRun) -> tuple[str, Path]:
     path = Path(cfg.configs_root) / cfg.preset / f"{stage.config}.yaml"
     if not path.is_file():
@@ -155,6 +169,7 @@ def plan_row(cfg: JobConfig, row: Row, seed: int) -> tuple[list[PlannedStage], P
         job, path = stage_job(cfg, stage)
         io = STAGE_IO[job]
         overrides = []
+        literal = [item for item in stage.overrides if "{prev}" not in item]
         for item in stage.overrides:
             if "{prev}" in item:
                 if prev is None:
@@ -164,7 +179,7 @@ def plan_row(cfg: JobConfig, row: Row, seed: int) -> tuple[list[PlannedStage], P
             overrides.append(item)
         if stage.seeded and io.seed_key:
             overrides.append(f"{io.seed_key}={seed}")
-        key = _digest(job, path.read_text(), overrides, teacher_identity(cfg.teacher.path))
+        key = _digest(job, path.read_text(), overrides, teacher_identity(cfg.teacher.path), *_inputs(literal))
         out = Path(cfg.output_dir) / "stages" / f"{stage.config}-{key}"
         overrides = [*overrides, f"output_dir={out}"]
         if job in ("distill.train",):
@@ -195,7 +210,8 @@ def evaluate_model(cfg: JobConfig, row: Row, model: Path, is_teacher: bool) -> t
     else:
         models = [{"name": "teacher", "loader": cfg.teacher.loader, "path": cfg.teacher.path, "quality": False},
                   {"name": "model", "loader": row.loader, "path": str(model)}]
-    key = _digest(eval_config.read_text(), models, cfg.evaluate, teacher_identity(cfg.teacher.path))
+    key = _digest(eval_config.read_text(), models, cfg.evaluate, teacher_identity(cfg.teacher.path),
+                  teacher_identity(str(model)) if Path(model).is_dir() else "")
     out = Path(cfg.output_dir) / "eval" / key
     command = ["python", "-m", "evaluation.run", "--config", str(eval_config), f"models={json.dumps(models)}",
                *cfg.evaluate, f"output_dir={out}"]
@@ -222,7 +238,8 @@ def run_row(cfg: JobConfig, row: Row) -> dict:
                 print(f"  [{row.name} | seed {seed}] {shlex.join(stage.command)}", flush=True)
                 run_logged(stage.command, stage.output_dir.with_suffix(".log"), f"row '{row.name}' seed {seed}")
                 marker.write_text(shlex.join(stage.command))
-        results, ratios, eval_command = evaluate_model(cfg, row, model, is_teacher=not row.stages)
+        is_teacher = not row.stages and Path(row.path).resolve() == Path(cfg.teacher.path).resolve()
+        results, ratios, eval_command = evaluate_model(cfg, row, model, is_teacher=is_teacher)
         values = {k: results.get(k) for k in QUALITY}
         values.update({f"{k}_ratio": ratios.get(k) for k in RATIOS})
         values.update({k: results.get(k) for k in RATIOS})
@@ -248,6 +265,9 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
 def summarise(row: dict) -> dict[str, tuple[float | None, float | None]]:
     cells = {k: mean_std([s[k] for s in row["seeds"]]) for k in QUALITY}
     cells.update({k: mean_std([s[f"{k}_ratio"] for s in row["seeds"]]) for k in RATIOS})
+    scale = {"params_m": ("params", 1e6), "weight_mb": ("weight_bytes", 2**20)}
+    cells.update({k: mean_std([None if s.get(src) is None else s[src] / div for s in row["seeds"]])
+                  for k, (src, div) in scale.items()})
     return cells
 
 
@@ -265,7 +285,7 @@ def write_tables(cfg: JobConfig, rows: list[dict]) -> list[Path]:
     """`<table_name>.md`, `.csv`, `.tex` and `_commands.md` under `table_dir`; returns the paths."""
     out = Path(cfg.table_dir)
     out.mkdir(parents=True, exist_ok=True)
-    keys = (*QUALITY, *RATIOS)
+    keys = (*QUALITY, *SIZES, *RATIOS)
     summaries = [summarise(r) for r in rows]
 
     md = [f"| row | {' | '.join(HEADERS[k] for k in keys)} | seeds |", "|---" * (len(keys) + 2) + "|"]
@@ -274,10 +294,10 @@ def write_tables(cfg: JobConfig, rows: list[dict]) -> list[Path]:
     unavailable = {k: v for r in rows for k, v in r["unavailable"].items()}
     notes = [f"- {HEADERS[k]} n/a: {reason}" for k, reason in sorted(unavailable.items())]
     md_text = "\n".join([
-        f"# Ablation ({cfg.preset} preset)", "",
-        "Quality on the test split; efficiency columns are ratios to the teacher measured in the same process as the",
-        "row's model (× < 1 is smaller / faster). Mean ± sample std over the seeds; rows without stages (the teacher)",
-        "run once.", "", *md, "", *notes, "",
+        f"# {cfg.table_name.capitalize()} ({cfg.preset} preset)", "",
+        "Quality on the test split; the × columns are ratios to the teacher measured in the same process as the",
+        "row's model (× < 1 is smaller / faster). Mean ± sample std over the seeds; rows without stages (a finished",
+        "model) run once.", "", *md, "", *notes, "",
         f"Regenerate everything: `python -m experiments ablation --config {cfg.config_path}`; one row: the command in",
         f"`{cfg.table_name}.csv`; every stage command: `{cfg.table_name}_commands.md`.", ""])
     md_path = out / f"{cfg.table_name}.md"

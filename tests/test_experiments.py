@@ -81,7 +81,8 @@ def test_loss_terms_leave_out_non_losses():
 
 def test_tables_hold_mean_and_std_per_row(tmp_path):
     cfg = JobConfig(preset="p", table_dir=str(tmp_path), table_name="t", config_path="configs/p/ablation.yaml")
-    seeds = [{"seed": s, "wer": w, "cider_d": c, "spice": None, "spider": None, "params_ratio": 0.25,
+    seeds = [{"seed": s, "wer": w, "cider_d": c, "spice": None, "spider": None, "params": 5_000_000,
+              "weight_bytes": 20 * 2**20, "params_ratio": 0.25,
               "weight_bytes_ratio": 0.25, "peak_memory_mb_ratio": 0.3, "ttft_ms_ratio": 0.6, "tpot_ms_ratio": 0.2}
              for s, w, c in ((0, 0.2, 0.30), (1, 0.4, 0.34))]
     rows = [{"name": "kd & co", "tags": {}, "seeds": seeds, "commands": [{"seed": 0, "stages": ["python -m x"],
@@ -89,7 +90,8 @@ def test_tables_hold_mean_and_std_per_row(tmp_path):
     md, csv_path, tex, commands = write_tables(cfg, rows)
     text = md.read_text()
     wer_std, cider_std = math.sqrt(0.02), math.sqrt(0.0008)
-    assert f"| kd & co | 0.300 ± {wer_std:.3f} | 0.320 ± {cider_std:.3f} | n/a | n/a | 0.250 ± 0.000 |" in text
+    assert (f"| kd & co | 0.300 ± {wer_std:.3f} | 0.320 ± {cider_std:.3f} | n/a | n/a | 5.000 ± 0.000 | "
+            "20.000 ± 0.000 | 0.250 ± 0.000 |") in text
     assert "SPICE n/a: no SPICE jar" in text
     header, line = list(csv.reader(csv_path.open()))
     assert header[:4] == ["row", "wer_mean", "wer_std", "cider_d_mean"] and line[:3] == ["kd & co", "0.3", "0.141421"]
@@ -136,3 +138,15 @@ def test_only_the_latest_run_of_a_log_folder_is_plotted():
     resumed = [{"step": s, "train/ce": 2.0} for s in (20, 30, 40)]
     assert [r["step"] for r in latest_run(old + resumed)] == [10, 20, 30, 40]  # a resume continues it
     assert latest_run(old + resumed)[1]["train/ce"] == 2.0
+
+
+def test_a_stage_started_from_an_outside_model_reruns_when_that_model_changes(tmp_path):
+    cfg = write_preset(tmp_path)
+    student = tmp_path / "student" / "model"
+    student.mkdir(parents=True)
+    (student / "weights.bin").write_bytes(b"1")
+    row = Row(name="p", stages=[StageRun(config="prune", overrides=[f"model={student}"])])
+    first = plan_row(cfg, row, 0)[0][0].output_dir
+    assert plan_row(cfg, row, 0)[0][0].output_dir == first
+    (student / "weights.bin").write_bytes(b"22")  # the student was retrained
+    assert plan_row(cfg, row, 0)[0][0].output_dir != first
