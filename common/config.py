@@ -260,13 +260,36 @@ def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = ""
         raise SystemExit(2) from None
 
 
-def stage_is_current(cfg: Any, out_dir: str | Path, done_marker: str = "DONE") -> bool:
-    """True when `out_dir` holds a finished run of exactly this resolved config (so the stage can be skipped)."""
+def input_stamp(path: str | Path) -> str:
+    """A hash of the names, sizes and mtimes of the files under `path` (or of the file itself), without the stage
+    bookkeeping (`DONE`, `config.yaml`): cheap even for 26 GB of weights, and it changes when a stage rewrites its
+    outputs. `missing` when the path does not exist."""
+    root = Path(path)
+    if not root.exists():
+        return "missing"
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    stamp = [(str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+             for p in files if p.name not in ("DONE", "config.yaml")]
+    return hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]
+
+
+def stage_key(cfg: Any, inputs: typing.Sequence[str | Path] = ()) -> str:
+    """What a stage's DONE marker holds: its resolved config's hash, then one stamp per input it read (the
+    teacher folder, the cache, the model it starts from), so a retrained input makes the stage stale."""
+    return " ".join([config_hash(cfg), *(input_stamp(p) for p in inputs if p)])
+
+
+def stage_is_current(cfg: Any, out_dir: str | Path, done_marker: str = "DONE",
+                     inputs: typing.Sequence[str | Path] = ()) -> bool:
+    """True when `out_dir` holds a finished run of exactly this resolved config on these very inputs (so the stage
+    can be skipped)."""
     marker = Path(out_dir) / done_marker
-    return marker.is_file() and marker.read_text().strip() == config_hash(cfg)
+    return marker.is_file() and marker.read_text().strip() == stage_key(cfg, inputs)
 
 
-def mark_stage_done(cfg: Any, out_dir: str | Path, done_marker: str = "DONE") -> None:
-    """Record that `out_dir` holds a finished run of this config (written last, after every output)."""
+def mark_stage_done(cfg: Any, out_dir: str | Path, done_marker: str = "DONE",
+                    inputs: typing.Sequence[str | Path] = ()) -> None:
+    """Record that `out_dir` holds a finished run of this config on these inputs (written last, after every
+    output)."""
     save_resolved(cfg, out_dir)
-    (Path(out_dir) / done_marker).write_text(config_hash(cfg) + "\n")
+    (Path(out_dir) / done_marker).write_text(stage_key(cfg, inputs) + "\n")

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, force = parse_cli(JobConfig, argv)
     out_dir = Path(cfg.output_dir)
     out_json = out_dir / "train.json"
-    if stage_is_current(cfg, out_dir) and out_json.is_file() and not force:
+    if stage_is_current(cfg, out_dir, inputs=[cfg.teacher_folder]) and out_json.is_file() and not force:
         print(f"sequence-KD data up to date: {out_json} (use --force to redo)")
         return 0
     if cfg.threads:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out_json.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"annotation": records}, indent=1) + "\n")
     tmp.replace(out_json)
-    mark_stage_done(cfg, out_dir)
+    mark_stage_done(cfg, out_dir, inputs=[cfg.teacher_folder])
     print(f"sequence-KD training data: {len(records)} entries → {out_json}")
     return 0
 

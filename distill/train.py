@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.kd.loss not in KINDS:
         raise SystemExit(f"config error: kd.loss must be one of {KINDS}, got {cfg.kd.loss!r}")
     out_dir = Path(cfg.output_dir)
-    if stage_is_current(cfg, out_dir / "model") and not force:
+    inputs = [cfg.teacher_folder, cfg.kd.cache_dir if cfg.kd.teacher == "cache" else "", cfg.init_from]
+    if stage_is_current(cfg, out_dir / "model", inputs=inputs) and not force:
         print(f"student up to date: {out_dir / 'model'} (use --force to retrain)")
         return 0
     # One process, or one of several (accelerate launch: DDP or DeepSpeed); the main one writes the shared files.
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             if not any(hasattr(p, "ds_id") for p in student.parameters()):
                 student = student.cpu()
             save_student_folder(student, student_cfg, out_dir / "model", extra={"step": state.step})
-            mark_stage_done(cfg, out_dir / "model")
+            mark_stage_done(cfg, out_dir / "model", inputs=inputs)
             print(f"student saved to {out_dir / 'model'} after {state.step} steps")
     accelerator.wait_for_everyone()
     return 0

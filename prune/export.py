@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.results and not Path(cfg.results).is_file():
         raise SystemExit(f"config error: results {cfg.results!r} is not a file (an evaluation results.json, or empty)")
     out = Path(cfg.output_dir)
-    if stage_is_current(cfg, out) and not force:
+    if stage_is_current(cfg, out, inputs=[cfg.model]) and not force:
         print(f"export up to date: {out} (use --force to export again)")
         return 0
     shutil.rmtree(out, ignore_errors=True)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "README.md").write_text(model_card(cfg, model, checks, out))
     if not all(checks.values()):
         raise SystemExit(f"{out}: the export does not reproduce the model: {checks}")
-    mark_stage_done(cfg, out)
+    mark_stage_done(cfg, out, inputs=[cfg.model])
     print(f"exported {cfg.model} → {out} ({cfg.dtype}); reload checks {checks}")
     return 0
 

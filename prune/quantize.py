@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (source / MODEL_CONFIG).is_file():
         raise SystemExit(f"config error: model {cfg.model!r} is not a student folder (no {MODEL_CONFIG})")
     out = Path(cfg.output_dir)
-    if stage_is_current(cfg, out / "model") and not force:
+    if stage_is_current(cfg, out / "model", inputs=[cfg.model]) and not force:
         print(f"int8 student up to date: {out / 'model'} (use --force to quantize again)")
         return 0
     if force:
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     again = load_int8_folder(out / "model")
     if not torch.equal(llm_logits(again, cfg.check_text), logits):
         raise SystemExit(f"{out / 'model'}: the reloaded int8 model does not reproduce the saved one's logits")
-    mark_stage_done(cfg, out / "model")
+    mark_stage_done(cfg, out / "model", inputs=[cfg.model])
     print(f"{len(names)} linear layers → int8 ({cfg.scheme}); weights {before['total']:,} → {after['total']:,} bytes; "
           f"max |Δ logit| vs float on the check text {diff:.4g}; reload reproduces the logits → {out / 'model'}")
     return 0

@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, force = parse_cli(JobConfig, argv)
     validate(cfg)
     out = Path(cfg.output_dir)
-    if stage_is_current(cfg, out / "model") and not force:
+    if stage_is_current(cfg, out / "model", inputs=[cfg.model]) and not force:
         print(f"pruned student up to date: {out / 'model'} (use --force to prune again)")
         return 0
     if force:
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                "params_final": parameters(final), "steps": steps, "seconds": round(time.time() - started, 1)}
     summary["params_fraction"] = summary["params_final"]["total"] / original_params["total"]
     (out / "pruning_report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    mark_stage_done(cfg, out / "model")
+    mark_stage_done(cfg, out / "model", inputs=[cfg.model])
     print(f"pruned student: {out / 'model'} — {summary['params_final']['total']:,} parameters "
           f"({100 * summary['params_fraction']:.1f} % of {original_params['total']:,})")
     return 0

@@ -131,7 +131,8 @@ def own_windows(mel_frames: torch.Tensor, qformer_cfg, available: int) -> list[i
 def main(argv: list[str] | None = None) -> int:
     cfg, force = parse_cli(JobConfig, argv)
     out_dir = Path(cfg.output_dir)
-    if stage_is_current(cfg, out_dir) and not force:
+    inputs = [cfg.teacher_folder]
+    if stage_is_current(cfg, out_dir, inputs=inputs) and not force:
         print(f"teacher cache up to date: {out_dir} (use --force to rebuild)")
         return 0
     dataset = AudioTextDataset.scan(getattr(cfg.data, cfg.split), cfg.data, cfg.features, desc=f"scan {cfg.split}")
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.write_shard(shard.index, samples)
     reader = CacheReader(out_dir, expect_teacher=writer.identity.teacher, expect_tokenizer=writer.identity.tokenizer)
     print(reader.stats().summary())
-    mark_stage_done(cfg, out_dir)
+    mark_stage_done(cfg, out_dir, inputs=inputs)
     return 0
 
 

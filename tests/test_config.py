@@ -190,3 +190,26 @@ def test_deepspeed_json_passes_deepspeeds_own_parser(name, stage):
     with pytest.raises(Exception, match="overlap_comn"):
         DeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage,
                                                                                     "overlap_comn": True}})
+
+
+def test_a_stage_goes_stale_when_an_input_it_read_changes(tmp_path):
+    @dataclass
+    class Job:
+        model: str = ""
+        lr: float = 1e-3
+
+    model = tmp_path / "student" / "model"
+    model.mkdir(parents=True)
+    (model / "weights.safetensors").write_bytes(b"abc")
+    cfg, out = Job(model=str(model)), tmp_path / "pruned"
+    mark_stage_done(cfg, out, inputs=[cfg.model])
+    assert stage_is_current(cfg, out, inputs=[cfg.model])
+    assert not stage_is_current(Job(model=str(model), lr=2e-3), out, inputs=[cfg.model])  # another config
+    (model / "DONE").write_text("x")  # the input's own bookkeeping does not count
+    (model / "config.yaml").write_text("x: 1")
+    assert stage_is_current(cfg, out, inputs=[cfg.model])
+    (model / "weights.safetensors").write_bytes(b"abcd")  # the input was retrained
+    assert not stage_is_current(cfg, out, inputs=[cfg.model])
+    mark_stage_done(cfg, out, inputs=[cfg.model])
+    assert stage_is_current(cfg, out, inputs=[cfg.model])
+    assert stage_is_current(cfg, out, inputs=[cfg.model, ""])  # an unset input path is no input
