@@ -121,6 +121,17 @@ class AlignConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    steps: int = 0
+    """After SALMONN training, this many more steps (0 = off) with the training aids off (no Q-Former CTC, no
+    alignment term) and a fresh warm-up + cosine schedule: the aids ground the audio path, then the Q-Former,
+    projection and LLM tune on the answers alone (SALMONN's own stages also end on the task loss alone)."""
+    lr: float = 1.0e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
 class JobConfig:
     """Train a SALMONN on annotation data."""
 
@@ -137,6 +148,7 @@ class JobConfig:
     ctc: CTCConfig = field(default_factory=CTCConfig)
     beats_pretrain: BeatsTaggingConfig = field(default_factory=BeatsTaggingConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     encoder_store: str = ""
     """Folder for the outputs of frozen encoders (`model.whisper.freeze`, `model.beats.freeze`), computed once per
     training clip before SALMONN training and read instead of running the encoders at every step (and by
@@ -548,10 +560,24 @@ def main(argv: list[str] | None = None) -> int:
     with MetricLogger(cfg.log_dir, stdout_every=5) as logger:
         state = fit(trainer, train, sampler, collate, lambda m, batch: m(batch), cfg.loop, cfg.optim, out_dir,
                     logger, evaluate=lambda m, step: evaluate(m.model, step))
+    extra = {"step": state.step}
+    if cfg.finetune.steps:
+        trainer.cfg = dataclasses.replace(trainer.cfg, weight=0.0, qformer_weight=0.0)
+        trainer.aligner = None
+        loop = dataclasses.replace(cfg.loop, max_steps=cfg.finetune.steps,
+                                   eval_every=min(cfg.loop.eval_every, cfg.finetune.steps),
+                                   log_every=min(cfg.loop.log_every, cfg.finetune.steps))
+        optim = dataclasses.replace(cfg.optim, lr=cfg.finetune.lr, warmup_steps=cfg.finetune.warmup_steps,
+                                    min_lr_ratio=cfg.finetune.min_lr_ratio)
+        finetune_eval = validator(cfg, valid, out_dir / "finetune" / "valid")
+        with MetricLogger(Path(cfg.log_dir) / "finetune", stdout_every=5) as logger:
+            state = fit(trainer, train, sampler, collate, lambda m, batch: m(batch), loop, optim,
+                        out_dir / "finetune", logger, evaluate=lambda m, step: finetune_eval(m.model, step))
+        extra["finetune_step"] = state.step
     model_cfg = dataclasses.replace(cfg.model, checkpoint="")
-    save_model_folder(model.cpu().eval(), model_cfg, out_dir / "model", extra={"step": state.step})
+    save_model_folder(model.cpu().eval(), model_cfg, out_dir / "model", extra=extra)
     mark_stage_done(cfg, out_dir / "model")
-    print(f"teacher saved to {out_dir / 'model'} after {state.step} steps")
+    print(f"teacher saved to {out_dir / 'model'} after {extra}")
     return 0
 
 

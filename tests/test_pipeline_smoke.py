@@ -50,6 +50,13 @@ def test_smoke_pipeline_end_to_end():
         assert (out / "eval" / name / "predictions.jsonl").stat().st_size > 0
     records = [json.loads(x) for x in (ROOT / "runs" / "smoke" / "student" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/kd" in r and "train/feature" in r for r in records)
+    teacher_runs = ROOT / "runs" / "smoke" / "teacher"
+    main = [json.loads(x) for x in (teacher_runs / "metrics.jsonl").read_text().splitlines()]
+    finetune = [json.loads(x) for x in (teacher_runs / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/ctc" in r for r in main)  # the aid trains with the SALMONN stage ...
+    assert any("train/llm" in r for r in finetune)
+    assert all("train/ctc" not in r for r in finetune)  # ... and is off in the finetune stage
+    assert max(r["step"] for r in finetune) == 3
 
     again = run_smoke()
     assert again.returncode == 0, again.stderr[-3000:]
