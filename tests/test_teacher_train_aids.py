@@ -1,5 +1,7 @@
-"""The toy teacher's training aids: the Q-Former CTC term (transcript tokens over the Q-Former windows)."""
+"""The toy teacher's training aids: the Q-Former CTC term (transcript tokens over the Q-Former windows), the
+audio-token aligner, and the encoder CTC probe's decoding."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from tiny_salmonn import tiny_batch, write_official_layout
@@ -62,3 +64,20 @@ def test_audio_token_aligner_scores_each_target_token_by_its_best_own_window(tmp
     assert torch.allclose(terms["loss"], expected, atol=1e-5)
     terms["loss"].backward()
     assert model.qformer.query_tokens.grad.abs().sum() > 0 and model.llm.get_input_embeddings().weight.grad is None
+
+
+def test_greedy_ctc_merges_repeats_and_drops_blanks():
+    from teacher.ctc_probe import greedy_ctc
+
+    # frames: c c _ a a _ a t → "caat" (a blank separates the two a's), 0 = blank
+    assert greedy_ctc([3, 3, 0, 1, 1, 0, 1, 20], "abcdefghijklmnopqrstuvwxyz '") == "caat"
+    assert greedy_ctc([0, 0], "ab") == ""
+
+
+def test_ctc_probe_without_a_pretraining_checkpoint_says_how_to_make_one(tmp_path):
+    from teacher.ctc_probe import main as probe_main
+
+    config = tmp_path / "teacher.yaml"
+    config.write_text(f"job: teacher.train\noutput_dir: {tmp_path / 'teacher'}\n")
+    with pytest.raises(SystemExit, match="no encoder pretraining checkpoint .* ctc.pretrain_steps > 0"):
+        probe_main(["--config", str(config)])
