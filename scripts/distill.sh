@@ -6,7 +6,8 @@
 #   bash scripts/distill.sh --force              # rerun stages whose outputs exist
 #   bash scripts/distill.sh data.seed=1          # STAGE.key=value sets `key` in that stage's config
 #
-# Stages and their override prefixes: data, teacher, cache, distill, prune, recover, quantize, evaluate
+# Stages and their override prefixes: data, teacher, cache, distill, prune, recover, quantize, prune_llm,
+# distill_smollm2, evaluate
 # (recover takes distill's config). A stage runs the module its YAML's `job:` names; a preset without a stage's
 # YAML (the real-scale presets have no data.yaml) skips it.
 #
@@ -40,7 +41,7 @@ cd "$ROOT"
 PY="$ROOT/.venv/bin/python"
 export PYTHONUNBUFFERED=1
 
-STAGES="data teacher cache distill prune recover quantize evaluate"
+STAGES="data teacher cache distill prune recover quantize prune_llm distill_smollm2 evaluate"
 for item in "${OVERRIDES[@]}"; do
   case " $STAGES " in
     *" ${item%%.*} "*) ;;
@@ -80,5 +81,7 @@ if [ -f "$CONFIGS/prune.yaml" ]; then      # KD recovery: the distill recipe aga
     "log_dir=runs/$PRESET/recovered"
 fi
 stage quantize "$CONFIGS/quantize.yaml" "model=$OUT/recovered/model" "output_dir=$OUT/int8"  # int8 weights
+stage prune_llm "$CONFIGS/prune_llm.yaml"                # mini: the teacher's own LLM pruned in width
+stage distill_smollm2 "$CONFIGS/distill_smollm2.yaml"    # mini: a student on that LLM (same tokenizer), by KD
 stage evaluate "$CONFIGS/evaluate.yaml"    # every stage on the test split, ratios to the teacher
 echo "=== [$PRESET] results: $ROOT/$OUT/eval/ (comparison.json, table.md, <model>/results.json)"
