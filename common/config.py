@@ -260,17 +260,21 @@ def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = ""
         raise SystemExit(2) from None
 
 
-def input_stamp(path: str | Path) -> str:
-    """A hash of the names, sizes and mtimes of the files under `path` (or of the file itself), without the stage
-    bookkeeping (`DONE`, `config.yaml`): cheap even for 26 GB of weights, and it changes when a stage rewrites its
-    outputs. `missing` when the path does not exist."""
+def file_stamps(path: str | Path) -> list[tuple[str, int, int]]:
+    """(name relative to `path`, size, mtime) of every file under `path` (or of the file itself), without the
+    stage bookkeeping (`DONE`, `config.yaml`): cheap even for 26 GB of weights, and it changes when a stage
+    rewrites its outputs."""
     root = Path(path)
-    if not root.exists():
-        return "missing"
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    stamp = [(str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns)
-             for p in files if p.name not in ("DONE", "config.yaml")]
-    return hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]
+    return [(str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in files if p.name not in ("DONE", "config.yaml")]
+
+
+def input_stamp(path: str | Path) -> str:
+    """A short hash of `file_stamps(path)`; `missing` when the path does not exist."""
+    if not Path(path).exists():
+        return "missing"
+    return hashlib.sha256(repr(file_stamps(path)).encode()).hexdigest()[:16]
 
 
 def stage_key(cfg: Any, inputs: typing.Sequence[str | Path] = ()) -> str:

@@ -91,18 +91,11 @@ def build_store(dataset: AudioTextDataset, feature_cfg: FeatureConfig, path: Pat
     tmp.replace(path)
 
 
-class StoredFeatureDataset(Dataset):
-    """An `AudioTextDataset` whose features come from a feature store instead of the audio files.
+class _DatasetView(Dataset):
+    """A wrapper that passes the wrapped dataset's `examples`, `durations`, `report`, `prompt` and length through;
+    subclasses set `self.dataset` and change what an item holds."""
 
-    Items are the same dicts (`mel`, `fbank`, `text`, `task`, `prompt`, `path`, `duration`, `index`), with
-    features as float32.
-    """
-
-    def __init__(self, dataset: AudioTextDataset, path: Path):
-        self.dataset = dataset
-        self.path = path
-        self.rows = unique_clips(dataset)[1]
-        self._file = None
+    dataset: Dataset
 
     @property
     def examples(self):
@@ -121,6 +114,20 @@ class StoredFeatureDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+
+class StoredFeatureDataset(_DatasetView):
+    """An `AudioTextDataset` whose features come from a feature store instead of the audio files.
+
+    Items are the same dicts (`mel`, `fbank`, `text`, `task`, `prompt`, `path`, `duration`, `index`), with
+    features as float32.
+    """
+
+    def __init__(self, dataset: AudioTextDataset, path: Path):
+        self.dataset = dataset
+        self.path = path
+        self.rows = unique_clips(dataset)[1]
+        self._file = None
 
     def _open(self):
         if self._file is None:
@@ -190,7 +197,7 @@ def build_encoder_store(dataset, encode: Callable[[dict], dict[str, list[torch.T
     tmp.replace(path)
 
 
-class EncoderOutputDataset(Dataset):
+class EncoderOutputDataset(_DatasetView):
     """A dataset whose items also carry cached encoder outputs of their clip (`[frames, dim]` float32 per key).
 
     Everything else (`examples`, `durations`, `report`, `prompt`, items' features and texts) is the wrapped
@@ -203,24 +210,6 @@ class EncoderOutputDataset(Dataset):
         with safe_open(str(path), framework="pt") as f:
             self.keys = sorted(k for k in f.keys() if not k.endswith("_offsets"))
         self._file = None
-
-    @property
-    def examples(self):
-        return self.dataset.examples
-
-    @property
-    def durations(self):
-        return self.dataset.durations
-
-    @property
-    def report(self):
-        return self.dataset.report
-
-    def prompt(self, ex) -> str:
-        return self.dataset.prompt(ex)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
         if self._file is None:

@@ -34,6 +34,13 @@ from experiments.ablation import mean_std  # noqa: E402
 NOT_LOSSES = ("lr", "grad_norm", "tokens_per_s", "memory_mb", "skipped_steps", "aligned_fraction", "carried_mass")
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def latest_run(records: list[dict]) -> list[dict]:
     """The records of the run that wrote last into a log folder, which keeps what earlier runs appended there.
 
@@ -79,11 +86,7 @@ def plot_losses(run_dir: Path, out: Path) -> Path | None:
     for ax in list(axes.flat)[len(series):]:
         ax.axis("off")
     fig.suptitle(f"loss terms: {run_dir}")
-    fig.tight_layout()
-    path = out / f"loss_{'_'.join(run_dir.parts[-2:])}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"loss_{'_'.join(run_dir.parts[-2:])}.png")
 
 
 def row_points(rows: list[dict], x: str, y: str) -> list[tuple[str, float, float, float | None]]:
@@ -125,11 +128,7 @@ def plot_pareto(rows: list[dict], out: Path) -> Path | None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle("quality against size, every ablation row (mean ± std over seeds)")
-    fig.tight_layout()
-    path = out / "pareto.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "pareto.png")
 
 
 def tagged(rows: list[dict], tag: str) -> list[dict]:
@@ -165,11 +164,7 @@ def plot_token_keep(rows: list[dict], bench: dict | None, out: Path) -> Path | N
     ax_c.set_xlabel("BEATs patch tokens kept")
     ax_c.set_ylabel("ratio to keeping every token")
     ax_c.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "token_keep.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "token_keep.png")
 
 
 def plot_pruning(rows: list[dict], out: Path) -> Path | None:
@@ -191,11 +186,7 @@ def plot_pruning(rows: list[dict], out: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("structured pruning of the distilled student, with and without KD recovery")
-    fig.tight_layout()
-    path = out / "pruning.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "pruning.png")
 
 
 def main(argv: list[str] | None = None) -> int:

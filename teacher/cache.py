@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from common.config import mark_stage_done, parse_cli, stage_is_current
+from common.config import file_stamps, mark_stage_done, parse_cli, stage_is_current
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
 from common.device import InferenceDtype, place_for_inference
 from common.feature_store import with_feature_store
@@ -78,10 +78,8 @@ def teacher_identity(teacher_folder: str, teacher_cfg: SalmonnConfig | None = No
     """Names, sizes and mtimes of the teacher folder's files (cheap even for 26 GB of weights), or the hash of
     the config that builds the teacher from the official checkpoints."""
     if teacher_folder:
-        root = Path(teacher_folder)
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in ("DONE", "config.yaml"))
-        stamp = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-        return {"folder": str(root), "files": hashlib.sha256(repr(stamp).encode()).hexdigest()}
+        stamps = file_stamps(teacher_folder)
+        return {"folder": str(Path(teacher_folder)), "files": hashlib.sha256(repr(stamps).encode()).hexdigest()}
     return {"config": config_hash(asdict(teacher_cfg))}
 
 
