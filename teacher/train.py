@@ -30,7 +30,7 @@ from common.feature_store import with_encoder_outputs, with_feature_store
 from common.features import FeatureConfig
 from common.tracking import MetricLogger
 from common.training import LoopConfig, OptimConfig, fit, seed_everything
-from teacher.build import SalmonnConfig, build_salmonn
+from teacher.build import SalmonnConfig, apply_lora, build_llm, build_salmonn
 from teacher.checkpoint import save_model_folder
 from teacher.qformer import num_windows
 from teacher.salmonn import SPEECH_OUT, Salmonn, crop_mel, run_whisper_encoder, speech_frames
@@ -132,6 +132,22 @@ class FinetuneConfig:
 
 
 @dataclass
+class RelearnConfig:
+    steps: int = 0
+    """Last, this many more steps (0 = off) for a fresh LLM and projection over the trained encoders and Q-Former,
+    on the answers alone. A from-scratch LLM trained jointly with a fresh audio path learns the answers' language
+    model while the audio tokens still mean nothing, and then leans on it: the toy teacher's LLM guessed captions
+    that its own BEATs and Q-Former could tell apart. A new LLM over the now-trained audio path learns to read it
+    from its first step (the toy's stand-in for SALMONN's pretrained Vicuna, which never had that habit to lose).
+    The Whisper encoder keeps `model.whisper.freeze` / `ctc.freeze_after_pretrain`; BEATs and the Q-Former train."""
+    lr: float = 1.0e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    seed: int = 1
+    """Seed of the fresh LLM's and projection's initialisation."""
+
+
+@dataclass
 class JobConfig:
     """Train a SALMONN on annotation data."""
 
@@ -149,6 +165,7 @@ class JobConfig:
     beats_pretrain: BeatsTaggingConfig = field(default_factory=BeatsTaggingConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    relearn: RelearnConfig = field(default_factory=RelearnConfig)
     encoder_store: str = ""
     """Folder for the outputs of frozen encoders (`model.whisper.freeze`, `model.beats.freeze`), computed once per
     training clip before SALMONN training and read instead of running the encoders at every step (and by
@@ -520,6 +537,37 @@ def validator(cfg: JobConfig, valid, out_dir: Path):
     return evaluate
 
 
+def answers_only_phase(cfg: JobConfig, trainer: WithCTC, train, valid, sampler, collate, name: str,
+                       phase: FinetuneConfig | RelearnConfig):
+    """`phase.steps` more steps of the task loss alone, with a fresh warm-up + cosine; checkpoints, logs and valid
+    decodes under `<output_dir>/<name>/` and `<log_dir>/<name>/`."""
+    out_dir = Path(cfg.output_dir) / name
+    loop = dataclasses.replace(cfg.loop, max_steps=phase.steps, eval_every=min(cfg.loop.eval_every, phase.steps),
+                               log_every=min(cfg.loop.log_every, phase.steps))
+    optim = dataclasses.replace(cfg.optim, lr=phase.lr, warmup_steps=phase.warmup_steps,
+                                min_lr_ratio=phase.min_lr_ratio)
+    evaluate = validator(cfg, valid, out_dir / "valid")
+    with MetricLogger(Path(cfg.log_dir) / name, stdout_every=5) as logger:
+        return fit(trainer, train, sampler, collate, lambda m, batch: m(batch), loop, optim, out_dir, logger,
+                   evaluate=lambda m, step: evaluate(m.model, step))
+
+
+def fresh_llm_and_projection(model: Salmonn, model_cfg: SalmonnConfig, seed: int) -> None:
+    """Replace `model`'s LLM and projection with freshly initialised ones of the same shape (seeded, so a resumed run
+    builds the same ones before its checkpoint is loaded over them). An LLM from `llm.path` is reloaded from there
+    with a fresh LoRA: only what training changed starts again."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    llm = build_llm(model_cfg.llm, model.tokenizer)
+    if model_cfg.lora.enabled:
+        llm = apply_lora(llm, model_cfg.lora)
+    if not model_cfg.lora.enabled:
+        llm.requires_grad_(not model_cfg.llm.freeze)
+    model.llm = llm
+    model.projector.reset_parameters()
+    torch.random.set_rng_state(generator_state)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, force = parse_cli(JobConfig, argv)
     out_dir = Path(cfg.output_dir)
@@ -561,19 +609,16 @@ def main(argv: list[str] | None = None) -> int:
         state = fit(trainer, train, sampler, collate, lambda m, batch: m(batch), cfg.loop, cfg.optim, out_dir,
                     logger, evaluate=lambda m, step: evaluate(m.model, step))
     extra = {"step": state.step}
-    if cfg.finetune.steps:
+    if cfg.finetune.steps or cfg.relearn.steps:
         trainer.cfg = dataclasses.replace(trainer.cfg, weight=0.0, qformer_weight=0.0)
         trainer.aligner = None
-        loop = dataclasses.replace(cfg.loop, max_steps=cfg.finetune.steps,
-                                   eval_every=min(cfg.loop.eval_every, cfg.finetune.steps),
-                                   log_every=min(cfg.loop.log_every, cfg.finetune.steps))
-        optim = dataclasses.replace(cfg.optim, lr=cfg.finetune.lr, warmup_steps=cfg.finetune.warmup_steps,
-                                    min_lr_ratio=cfg.finetune.min_lr_ratio)
-        finetune_eval = validator(cfg, valid, out_dir / "finetune" / "valid")
-        with MetricLogger(Path(cfg.log_dir) / "finetune", stdout_every=5) as logger:
-            state = fit(trainer, train, sampler, collate, lambda m, batch: m(batch), loop, optim,
-                        out_dir / "finetune", logger, evaluate=lambda m, step: finetune_eval(m.model, step))
+    if cfg.finetune.steps:
+        state = answers_only_phase(cfg, trainer, train, valid, sampler, collate, "finetune", cfg.finetune)
         extra["finetune_step"] = state.step
+    if cfg.relearn.steps:
+        fresh_llm_and_projection(model, cfg.model, cfg.relearn.seed)
+        state = answers_only_phase(cfg, trainer, train, valid, sampler, collate, "relearn", cfg.relearn)
+        extra["relearn_step"] = state.step
     model_cfg = dataclasses.replace(cfg.model, checkpoint="")
     save_model_folder(model.cpu().eval(), model_cfg, out_dir / "model", extra=extra)
     mark_stage_done(cfg, out_dir / "model")

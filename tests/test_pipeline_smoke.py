@@ -57,6 +57,8 @@ def test_smoke_pipeline_end_to_end():
     assert any("train/llm" in r for r in finetune)
     assert all("train/ctc" not in r for r in finetune)  # ... and is off in the finetune stage
     assert max(r["step"] for r in finetune) == 3
+    relearn = [json.loads(x) for x in (teacher_runs / "relearn" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in relearn) == 3 and all("train/ctc" not in r for r in relearn)
 
     again = run_smoke()
     assert again.returncode == 0, again.stderr[-3000:]

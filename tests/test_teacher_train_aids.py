@@ -81,3 +81,33 @@ def test_ctc_probe_without_a_pretraining_checkpoint_says_how_to_make_one(tmp_pat
     config.write_text(f"job: teacher.train\noutput_dir: {tmp_path / 'teacher'}\n")
     with pytest.raises(SystemExit, match="no encoder pretraining checkpoint .* ctc.pretrain_steps > 0"):
         probe_main(["--config", str(config)])
+
+
+def test_relearn_starts_a_fresh_llm_and_projection_and_keeps_the_audio_path(tmp_path):
+    """The relearn phase's reset: new LLM and projection weights (the same for the same seed, so a resumed run
+    rebuilds them before its checkpoint), the encoders, Q-Former and the frozen Whisper untouched."""
+    from teacher.train import fresh_llm_and_projection
+
+    torch.manual_seed(0)
+    cfg = write_official_layout(tmp_path)
+    model, _ = build_salmonn(cfg)
+    model.speech_encoder.requires_grad_(False)
+    keep = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("llm.", "projector."))}
+    llm_before = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    projector_before = model.projector.weight.detach().clone()
+    trainable = {k for k, p in model.llm.named_parameters() if p.requires_grad}
+    assert trainable and any("lora_" in k for k in trainable)  # the tiny layout's LLM is a path with LoRA
+    rng_before = torch.random.get_rng_state()
+
+    fresh_llm_and_projection(model, cfg, seed=3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in keep.items())
+    assert not torch.equal(model.projector.weight, projector_before)
+    changed = [k for k, v in model.llm.state_dict().items() if not torch.equal(v, llm_before[k])]
+    assert any("lora_A" in k for k in changed)
+    assert not any(p.requires_grad for p in model.speech_encoder.parameters())
+    assert {k for k, p in model.llm.named_parameters() if p.requires_grad} == trainable  # a fresh LoRA
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # the run's own random stream goes on unchanged
+
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh_llm_and_projection(model, cfg, seed=3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in first.items())
