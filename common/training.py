@@ -83,6 +83,8 @@ class TrainState:
     bad_steps: int = 0
     best_value: float | None = None
     best_step: int | None = None
+    run_key: str = ""
+    """What the run was started from (e.g. `common.config.stage_key`): a checkpoint of another key is not resumed."""
 
 
 def seed_everything(seed: int) -> None:
@@ -390,6 +392,10 @@ def _reduce_terms(accelerator, terms: dict[str, float], tokens: int) -> tuple[di
     return {n: float(values[i]) / accelerator.num_processes for i, n in enumerate(names)}, int(values[-1])
 
 
+def _checkpoint_key(path: Path) -> str:
+    return json.loads((path / "state.json").read_text()).get("run_key", "")
+
+
 def _checkpoint(accelerator, ckpt_dir: Path, model, optimizer, scheduler, scaler, state: TrainState,
                 loop: LoopConfig) -> None:
     """Save a checkpoint. With several processes (or DeepSpeed) every rank first writes its RNG state and the
@@ -428,7 +434,7 @@ EvalFn = Callable[[nn.Module, int], dict[str, float]]
 
 def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: LoopConfig, optim: OptimConfig,
         out_dir: Path, logger: MetricLogger, evaluate: EvalFn | None = None, accelerator=None,
-        before_step: Callable[[nn.Module, int], None] | None = None) -> TrainState:
+        before_step: Callable[[nn.Module, int], None] | None = None, run_key: str = "") -> TrainState:
     """Train `model` for `loop.max_steps` optimizer steps; returns the final TrainState.
 
     Args:
@@ -440,6 +446,9 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
         before_step: called as `(model, step)` before each optimizer step, e.g. to change which parts train
             (a function of the step alone, so resuming reproduces it).
         out_dir: checkpoints go to `out_dir/checkpoints/`.
+        run_key: what this run is made of (its config and input stamps). Checkpoints left by a run of another key
+            (a changed config, a retrained teacher) are discarded and training starts over, instead of resuming
+            someone else's weights; "" resumes whatever is there.
         accelerator: from `make_accelerator(loop)` when the recipe needs it before training (e.g. to prepare a
             teacher); made here otherwise.
     """
@@ -456,8 +465,15 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
     model, optimizer = accelerator.prepare(model, optimizer)
     scaler = accelerator.scaler
     ckpt_dir = out_dir / "checkpoints"
-    state = TrainState()
+    state = TrainState(run_key=run_key)
     latest = latest_checkpoint(ckpt_dir) if loop.resume else None
+    if latest is not None and run_key and _checkpoint_key(latest) != run_key:
+        if main:
+            print(f"{ckpt_dir}: the checkpoints there come from another config or other inputs; starting over")
+            for old in ckpt_dir.glob("step_*"):
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        latest = None
     if latest is not None:
         state = load_checkpoint(latest, accelerator.unwrap_model(model), optimizer, scheduler, scaler,
                                 rank=accelerator.process_index, engine=model if deepspeed else None)

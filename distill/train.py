@@ -24,7 +24,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from common.config import from_dict, mark_stage_done, parse_cli, read_yaml, save_resolved, stage_is_current
+from common.config import (
+    from_dict,
+    mark_stage_done,
+    parse_cli,
+    read_yaml,
+    save_resolved,
+    stage_is_current,
+    stage_key,
+)
 from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler
 from common.features import FeatureConfig
 from common.tracking import MetricLogger
@@ -386,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.log(0, {f"data/{k}": v for k, v in tokenizers.items()})
         state = fit(distiller, train, sampler, collate, lambda model, batch: model(batch), cfg.loop, cfg.optim,
                     out_dir, logger, evaluate=lambda model, step: evaluate(model.student, step),
-                    before_step=_stage_hook(distiller, cfg.stages), accelerator=accelerator)
+                    before_step=_stage_hook(distiller, cfg.stages), accelerator=accelerator,
+                    run_key=stage_key(cfg, inputs))
     with full_parameters(distiller.student):  # ZeRO-3: every rank gathers the shards, the main process saves
         if main_process:
             student = distiller.student.eval()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.bpe import train_bpe
-from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
+from common.config import config_hash, mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig, DurationBucketSampler
 from common.feature_store import with_encoder_outputs, with_feature_store
 from common.features import FeatureConfig
@@ -268,6 +268,24 @@ class EncoderCTC(nn.Module):
         return {"loss": loss, "ctc": loss.detach()}
 
 
+LATER_SECTIONS = {
+    "encoder_pretrain": ("beats_pretrain", "align", "finetune", "relearn"),
+    "beats_pretrain": ("align", "finetune", "relearn"),
+    "align": ("finetune", "relearn"),
+    "salmonn": ("finetune", "relearn"),
+    "finetune": ("relearn",),
+    "relearn": (),
+}
+"""Per phase, the config sections that only later phases read."""
+
+
+def phase_key(cfg: JobConfig, phase: str) -> str:
+    """The run key of one phase's checkpoints: the config without the sections of later phases, so that changing
+    (say) `relearn` resumes the finished earlier phases, while changing anything they read starts them over."""
+    blank = {name: type(getattr(cfg, name))() for name in LATER_SECTIONS[phase]}
+    return f"{phase} {config_hash(dataclasses.replace(cfg, **blank))}"
+
+
 def pretrain_encoder(cfg: JobConfig, trainer: WithCTC, train, out_dir: Path) -> None:
     """CTC pretraining of the Whisper encoder on the ASR clips (checkpointed and resumable like any fit)."""
     asr = [i for i, ex in enumerate(train.examples) if ex.task == "asr"]
@@ -280,7 +298,7 @@ def pretrain_encoder(cfg: JobConfig, trainer: WithCTC, train, out_dir: Path) -> 
     optim = dataclasses.replace(cfg.optim, lr=cfg.ctc.pretrain_lr, min_lr_ratio=cfg.ctc.pretrain_min_lr_ratio)
     with MetricLogger(Path(cfg.log_dir) / "encoder_pretrain", stdout_every=5) as logger:
         fit(EncoderCTC(trainer), subset, sampler, AudioTextCollator(), lambda m, batch: m(batch), loop, optim,
-            out_dir / "encoder_pretrain", logger)
+            out_dir / "encoder_pretrain", logger, run_key=phase_key(cfg, "encoder_pretrain"))
 
 
 def caption_words(text: str) -> set[str]:
@@ -393,7 +411,7 @@ def pretrain_beats(cfg: JobConfig, model: Salmonn, train, valid, out_dir: Path) 
     optim = dataclasses.replace(cfg.optim, lr=b.lr, min_lr_ratio=b.min_lr_ratio, warmup_steps=b.warmup_steps)
     with MetricLogger(Path(cfg.log_dir) / "beats_pretrain", stdout_every=5) as logger:
         fit(tagger, torch.utils.data.Subset(train, rows), sampler, AudioTextCollator(), lambda m, batch: m(batch),
-            loop, optim, out_dir / "beats_pretrain", logger)
+            loop, optim, out_dir / "beats_pretrain", logger, run_key=phase_key(cfg, "beats_pretrain"))
         valid_rows = first_clip_of_each(valid, "audiocaption")
         if valid_rows:
             _, valid_targets = caption_tags(valid, b.min_clips, vocabulary=tags)
@@ -487,7 +505,7 @@ def align_audio_tokens(cfg: JobConfig, model: Salmonn, train, valid, out_dir: Pa
     optim = dataclasses.replace(cfg.optim, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup_steps)
     with MetricLogger(Path(cfg.log_dir) / "align", stdout_every=5) as logger:
         fit(aligner, train, sampler, AudioTextCollator(), lambda m, batch: m(batch), loop, optim, out_dir / "align",
-            logger)
+            logger, run_key=phase_key(cfg, "align"))
         rows = [i for task in cfg.data.tasks for i in first_clip_of_each(valid, task)[: a.eval_clips_per_task]]
         if rows:
             prior = torch.tensor([float(counts[t]) for t in vocab])
@@ -549,7 +567,7 @@ def answers_only_phase(cfg: JobConfig, trainer: WithCTC, train, valid, sampler, 
     evaluate = validator(cfg, valid, out_dir / "valid")
     with MetricLogger(Path(cfg.log_dir) / name, stdout_every=5) as logger:
         return fit(trainer, train, sampler, collate, lambda m, batch: m(batch), loop, optim, out_dir, logger,
-                   evaluate=lambda m, step: evaluate(m.model, step))
+                   evaluate=lambda m, step: evaluate(m.model, step), run_key=phase_key(cfg, name))
 
 
 def fresh_llm_and_projection(model: Salmonn, model_cfg: SalmonnConfig, seed: int) -> None:
@@ -607,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = validator(cfg, valid, out_dir / "valid")
     with MetricLogger(cfg.log_dir, stdout_every=5) as logger:
         state = fit(trainer, train, sampler, collate, lambda m, batch: m(batch), cfg.loop, cfg.optim, out_dir,
-                    logger, evaluate=lambda m, step: evaluate(m.model, step))
+                    logger, evaluate=lambda m, step: evaluate(m.model, step), run_key=phase_key(cfg, "salmonn"))
     extra = {"step": state.step}
     if cfg.finetune.steps or cfg.relearn.steps:
         trainer.cfg = dataclasses.replace(trainer.cfg, weight=0.0, qformer_weight=0.0)

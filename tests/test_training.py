@@ -42,14 +42,15 @@ def mse(model, batch):
     return {"loss": loss, "mse": loss.detach()}
 
 
-def run(tmp, loss_fn=mse, max_steps=10, **loop_kw):
+def run(tmp, loss_fn=mse, max_steps=10, run_key="", **loop_kw):
     seed_everything(0)
     model = TinyRegressor()
     items, durations = make_data()
     sampler = DurationBucketSampler(durations, batch_size=8, pool_batches=2, seed=0)
     loop = LoopConfig(max_steps=max_steps, log_every=1, eval_every=100, save_every=3, keep_last=2, **loop_kw)
     with MetricLogger(tmp / "logs", backends=("jsonl",)) as logger:
-        fit(model, items, sampler, collate, loss_fn, loop, OptimConfig(lr=1e-2, warmup_steps=2), tmp, logger)
+        fit(model, items, sampler, collate, loss_fn, loop, OptimConfig(lr=1e-2, warmup_steps=2), tmp, logger,
+            run_key=run_key)
     return model
 
 
@@ -73,6 +74,25 @@ def test_resume_after_crash_gives_identical_weights(tmp_path):
     steps = [r["step"] for r in read_metrics(tmp_path / "crash/logs")]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 7, 8, 9, 10]  # step 7 logged before the crash and again after resume
     assert sorted(p.name for p in (tmp_path / "crash/checkpoints").iterdir()) == ["step_0000009", "step_0000010"]
+
+
+def test_checkpoints_of_another_run_key_are_not_resumed(tmp_path, capsys):
+    """A stage rerun after its config or inputs changed must train anew, not resume the old run's weights."""
+    half = lambda model, batch: {"loss": 0.5 * mse(model, batch)["loss"]}
+    reference = run(tmp_path / "straight", run_key="a")
+    run(tmp_path / "reused", loss_fn=half, run_key="b")  # another run left its checkpoints, up to the last step
+    rerun = run(tmp_path / "reused", run_key="a")
+    assert "starting over" in capsys.readouterr().out
+    for (name, a), b in zip(reference.state_dict().items(), rerun.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    steps = [r["step"] for r in read_metrics(tmp_path / "reused/logs")]
+    assert steps == list(range(1, 11)) * 2  # trained all ten steps again
+
+    same = run(tmp_path / "reused", run_key="a")  # the same key resumes: nothing left to train
+    assert "resumed from" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(tmp_path / "reused/logs")] == steps
+    for a, b in zip(rerun.state_dict().values(), same.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_logs_every_term_and_lr(tmp_path):
