@@ -141,8 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.encoder_store:
         dataset = with_cached_encoders(model, dataset, cfg.features, cfg.encoder_store, cfg.split)
     collate = AudioTextCollator(model.tokenizer)
+    # A finished cache of another config or teacher is this stage's own stale output: rebuilt, as every stage
+    # reruns when its inputs change. An unfinished one resumes, and the writer refuses it if it was another's.
+    stale = (out_dir / "DONE").is_file()
+    if stale and not force:
+        print(f"{out_dir}: the finished cache there was built from another config or teacher; rebuilding it")
     writer = CacheWriter(out_dir, cache_identity(cfg, model.tokenizer), sample_keys(dataset), cfg.shard_size,
-                         force=force)
+                         force=force or stale)
     pending = writer.pending_shards()
     print(f"{len(pending)} of {writer.num_shards} shards to compute")
     for shard in tqdm(pending, desc="cache shards", unit="shard"):

@@ -128,3 +128,19 @@ def test_a_gpu_that_is_not_there_is_a_config_error(setup, tmp_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit, match="device='cuda' but this machine has no CUDA GPU"):
         cache_main(args(setup, tmp_path / "gpu", "device=cuda"))
+
+
+def test_a_finished_cache_of_another_config_is_rebuilt_an_unfinished_one_refused(setup, tmp_path, capsys):
+    """The stage's own finished output goes stale when its config or teacher changes, and is rebuilt (as
+    distill.sh reruns stale stages); a half-written cache of another identity is never mixed in."""
+    root = setup
+    out = tmp_path / "stale"
+    cache_main(args(root, out))
+    assert cache_main(args(root, out, "k=4")) == 0
+    assert "rebuilding it" in capsys.readouterr().out
+    reader, _ = open_reader(root, out, expect_k=4)
+    assert reader[0].sparse_ids.shape[-1] == 4
+
+    (out / "DONE").unlink()  # as if the k=4 run had been interrupted
+    with pytest.raises(CacheError, match="different k.*--force"):
+        cache_main(args(root, out, "k=5"))
