@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out_dir}: the finished cache there was built from another config or teacher; rebuilding it")
     writer = CacheWriter(out_dir, cache_identity(cfg, model.tokenizer), sample_keys(dataset), cfg.shard_size,
                          force=force or stale)
+    (out_dir / "DONE").unlink(missing_ok=True)  # an interrupted rebuild then resumes instead of starting over
     pending = writer.pending_shards()
     print(f"{len(pending)} of {writer.num_shards} shards to compute")
     for shard in tqdm(pending, desc="cache shards", unit="shard"):

@@ -579,7 +579,7 @@ def fresh_llm_and_projection(model: Salmonn, model_cfg: SalmonnConfig, seed: int
     llm = build_llm(model_cfg.llm, model.tokenizer)
     if model_cfg.lora.enabled:
         llm = apply_lora(llm, model_cfg.lora)
-    if not model_cfg.lora.enabled:
+    else:
         llm.requires_grad_(not model_cfg.llm.freeze)
     model.llm = llm
     model.projector.reset_parameters()
