@@ -15,6 +15,7 @@ Every term is logged apart (`train/ce`, `train/kd`, `train/feature`, ...).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         state = fit(distiller, train, sampler, collate, lambda model, batch: model(batch), cfg.loop, cfg.optim,
                     out_dir, logger, evaluate=lambda model, step: evaluate(model.student, step),
                     before_step=_stage_hook(distiller, cfg.stages), accelerator=accelerator,
-                    run_key=stage_key(cfg, inputs))
+                    run_key=stage_key(dataclasses.replace(cfg, output_dir="", log_dir=""), inputs))
     with full_parameters(distiller.student):  # ZeRO-3: every rank gathers the shards, the main process saves
         if main_process:
             student = distiller.student.eval()

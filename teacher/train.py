@@ -283,6 +283,7 @@ def phase_key(cfg: JobConfig, phase: str) -> str:
     """The run key of one phase's checkpoints: the config without the sections of later phases, so that changing
     (say) `relearn` resumes the finished earlier phases, while changing anything they read starts them over."""
     blank = {name: type(getattr(cfg, name))() for name in LATER_SECTIONS[phase]}
+    blank.update(output_dir="", log_dir="")  # where the run is written does not change what it trains
     return f"{phase} {config_hash(dataclasses.replace(cfg, **blank))}"
 
 

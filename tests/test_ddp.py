@@ -159,7 +159,8 @@ def test_deepspeed_zero2_resumes_a_step_exactly(zero2, data, one_process, tmp_pa
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(out / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
-    launch("deepspeed_zero2.yaml", [str(worker)], recipe_args(data, resumed, "loop.grad_accum=1"),
+    launch("deepspeed_zero2.yaml", [str(worker)],
+           recipe_args(data, resumed, "loop.grad_accum=1", f"student.llm.tokenizer={out / 'student_tok'}"),
            {"DS_ACCELERATOR": "cpu"})
     records = train_records(resumed)
     assert [r["step"] for r in records] == [3]
