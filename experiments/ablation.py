@@ -23,6 +23,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -355,14 +356,17 @@ def main(argv: list[str] | None = None) -> int:
             except ConfigError as err:
                 raise SystemExit(f"ablation config: row '{row.name}', stage {stage.config.stem}: {err}") from None
     done_path = Path(cfg.output_dir) / "rows.json"
-    previous = json.loads(done_path.read_text()) if done_path.is_file() else {}
-    results = []
     for row in rows:
         print(f"=== row: {row.name}", flush=True)
-        results.append(run_row(cfg, row))
-        previous[row.name] = results[-1]
+        result = run_row(cfg, row)
+        # Read just before writing: another ablation process (other rows, `only=`) may have finished rows meanwhile.
+        previous = json.loads(done_path.read_text()) if done_path.is_file() else {}
+        previous[row.name] = result
         done_path.parent.mkdir(parents=True, exist_ok=True)
-        done_path.write_text(json.dumps(previous, indent=1) + "\n")
+        tmp = done_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(previous, indent=1) + "\n")
+        tmp.replace(done_path)  # whole or not at all, for the other process reading it
+    previous = json.loads(done_path.read_text()) if done_path.is_file() else {}
     table_rows = [previous[n] for n in names if n in previous]  # the whole table, in config order
     for path in write_tables(cfg, table_rows):
         print(f"wrote {path}")

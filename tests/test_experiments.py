@@ -150,3 +150,32 @@ def test_a_stage_started_from_an_outside_model_reruns_when_that_model_changes(tm
     assert plan_row(cfg, row, 0)[0][0].output_dir == first
     (student / "weights.bin").write_bytes(b"22")  # the student was retrained
     assert plan_row(cfg, row, 0)[0][0].output_dir != first
+
+
+def test_rows_finished_by_another_process_meanwhile_are_kept(tmp_path, monkeypatch):
+    """Two ablation processes on different rows (`only=`) share rows.json: each reads it again before writing."""
+    import experiments.ablation as ablation
+
+    cfg = write_preset(tmp_path)
+    config = tmp_path / "ablation.yaml"
+    config.write_text(
+        "job: experiments.ablation\n"
+        f"preset: p\nconfigs_root: {cfg.configs_root}\noutput_dir: {cfg.output_dir}\ntable_dir: {tmp_path}\n"
+        "rows:\n"
+        "  - name: mine\n    stages: [{config: distill}]\n"
+        "  - name: theirs\n    stages: [{config: distill, overrides: [kd.loss=reverse_kl]}]\n")
+    rows_json = tmp_path / "out" / "rows.json"
+
+    def run_row(cfg, row):  # the other process finishes its row while this one trains
+        rows_json.parent.mkdir(parents=True, exist_ok=True)
+        rows_json.write_text(json.dumps({"theirs": {"name": "theirs", "seeds": []}}))
+        return {"name": row.name, "seeds": []}
+
+    def write_tables(cfg, rows):
+        (tmp_path / f"{cfg.table_name}.md").write_text(" ".join(row["name"] for row in rows))
+        return []
+
+    monkeypatch.setattr(ablation, "run_row", run_row)
+    monkeypatch.setattr(ablation, "write_tables", write_tables)
+    assert ablation.main(["--config", str(config), 'only=["mine"]']) == 0
+    assert set(json.loads(rows_json.read_text())) == {"mine", "theirs"}
