@@ -90,6 +90,10 @@ class KDConfig:
     """Q-Former output KD (MSE + cosine per window)."""
     hidden_weight: float = 0.0
     """Whisper hidden-state KD (L1 + cosine) from the teacher layers the student's layers came from; online only."""
+    anneal: Literal["none", "linear"] = "none"
+    """linear: teacher annealing (Clark et al. 2019, "BAM!"): the KD terms' weights (logit, feature, hidden) fall
+    linearly from their value at step 0 to 0 at the last step, so the student ends on the labels alone and can
+    pass a teacher that is weaker than the labels on some task. CE keeps its weight throughout."""
 
 
 @dataclass
@@ -183,6 +187,9 @@ class Distiller(nn.Module):
         width = student.speech_encoder.config.d_model
         self.hidden_kd = (HiddenStateKD(hidden_pairs, width, teacher.speech_encoder.config.d_model)
                           if cfg.hidden_weight else None)
+        self.kd_scale = 1.0
+        """Multiplies every KD term's weight; set each step by `anneal_scale` (a function of the step, so a
+        resumed run gets the same value without storing it)."""
 
     @property
     def teacher(self) -> Salmonn | None:
@@ -238,6 +245,9 @@ class Distiller(nn.Module):
         out = self.student(batch)
         terms = {"ce": out.loss}
         loss = c.ce_weight * out.loss
+        scale = self.kd_scale
+        if c.anneal != "none":
+            terms["kd_scale"] = torch.tensor(scale)
         if c.kd_weight or c.feature_weight:
             teacher_rows, teacher_windows = self.teacher_side(batch)
         if c.kd_weight:
@@ -245,13 +255,13 @@ class Distiller(nn.Module):
             rows, mask = answer_rows(logits, labels)
             kd_terms = self.logit_term(rows, mask, teacher_rows, batch["texts"])
             terms.update(kd_terms)
-            loss = loss + c.kd_weight * kd_terms["kd"]
+            loss = loss + scale * c.kd_weight * kd_terms["kd"]
         if c.feature_weight:
             target, mask = pad_windows(teacher_windows, out.qformer_out.device)
             width = min(target.shape[1], out.qformer_out.shape[1])
             feat = self.feature_kd(out.qformer_out[:, :width], target[:, :width], mask[:, :width])
             terms.update(feature=feat["loss"], feature_mse=feat["mse"].detach(), feature_cos=feat["cos"].detach())
-            loss = loss + c.feature_weight * feat["loss"]
+            loss = loss + scale * c.feature_weight * feat["loss"]
         if self.hidden_kd is not None:
             teacher_hidden = _capture_hidden(self.teacher)
             with torch.no_grad():
@@ -260,7 +270,7 @@ class Distiller(nn.Module):
             length = min(student_states[0].shape[1], teacher_states[0].shape[1])
             h = self.hidden_kd([s[:, :length] for s in student_states], [t[:, :length] for t in teacher_states])
             terms["hidden"] = h["loss"]
-            loss = loss + c.hidden_weight * h["loss"]
+            loss = loss + scale * c.hidden_weight * h["loss"]
         terms["loss"] = loss
         return terms
 
@@ -395,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.log(0, {f"data/{k}": v for k, v in tokenizers.items()})
         state = fit(distiller, train, sampler, collate, lambda model, batch: model(batch), cfg.loop, cfg.optim,
                     out_dir, logger, evaluate=lambda model, step: evaluate(model.student, step),
-                    before_step=_stage_hook(distiller, cfg.stages), accelerator=accelerator,
+                    before_step=_before_step(distiller, cfg.stages, cfg.loop.max_steps), accelerator=accelerator,
                     run_key=stage_key(dataclasses.replace(cfg, output_dir="", log_dir=""), inputs))
     with full_parameters(distiller.student):  # ZeRO-3: every rank gathers the shards, the main process saves
         if main_process:
@@ -409,9 +419,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _stage_hook(distiller: Distiller, stages: list[TrainingStage]):
+def anneal_scale(kind: str, step: int, max_steps: int) -> float:
+    """The KD terms' weight multiplier at optimizer step `step` (0-based) of `max_steps`: 1 throughout for
+    "none"; for "linear", 1 at step 0 falling to 0 at the last step."""
+    if kind == "none":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, 1.0 - step / max(1, max_steps - 1))
+    raise ValueError(f"kd.anneal must be none or linear, got {kind!r}")
+
+
+def _before_step(distiller: Distiller, stages: list[TrainingStage], max_steps: int):
+    """The loop's per-step hook: which parts train (stages) and the KD weights' multiplier (kd.anneal)."""
     setter = stage_setter(distiller.student, stages)
-    return None if setter is None else (lambda model, step: setter(step))
+    kind = distiller.cfg.anneal
+    if setter is None and kind == "none":
+        return None
+
+    def hook(model: Distiller, step: int) -> None:
+        if setter is not None:
+            setter(step)
+        model.kd_scale = anneal_scale(kind, step, max_steps)
+
+    return hook
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from tiny_salmonn import write_teacher_folder
 
 from common.tracking import read_metrics
-from distill.train import TrainingStage, answer_rows, stage_setter
+from distill.train import TrainingStage, anneal_scale, answer_rows, stage_setter
 from distill.train import main as distill_main
 from student.build import load_student_folder
 from teacher.cache import main as cache_main
@@ -77,6 +77,20 @@ def test_ce_only_and_online_teacher_with_hidden_kd(setup, tmp_path):
     assert distill_main(args) == 0
     online = [r for r in read_metrics(tmp_path / "online" / "runs") if "train/loss" in r]
     assert {"train/kd", "train/hidden", "train/feature"} <= set(online[0])
+
+
+def test_teacher_annealing_scales_every_kd_term_down_to_zero(setup, tmp_path):
+    root = setup
+    args = recipe_args(root, tmp_path, "kd.feature_weight=0.5", "kd.kd_weight=2.0", "kd.anneal=linear")
+    assert distill_main(args) == 0
+    steps = sorted((r for r in read_metrics(tmp_path / "runs") if "train/loss" in r), key=lambda r: r["step"])
+    assert [round(r["train/kd_scale"], 4) for r in steps] == [1.0, 0.6667, 0.3333, 0.0]
+    for r in steps:
+        expected = r["train/ce"] + r["train/kd_scale"] * (2.0 * r["train/kd"] + 0.5 * r["train/feature"])
+        assert r["train/loss"] == pytest.approx(expected, rel=1e-4)
+    assert steps[-1]["train/loss"] == pytest.approx(steps[-1]["train/ce"], rel=1e-5)
+    assert anneal_scale("none", 3, 4) == 1.0 and anneal_scale("linear", 0, 800) == 1.0
+    assert anneal_scale("linear", 400, 801) == 0.5
 
 
 def test_answer_rows_left_aligns_targets():
