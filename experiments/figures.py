@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="toy")
     parser.add_argument("--runs", nargs="*", help="run folders with metrics.jsonl (default: runs/<preset>/* "
                         "except the ablation's)")
-    parser.add_argument("--rows", help="ablation rows.json (default: outputs/<preset>/ablation/rows.json)")
+    parser.add_argument("--rows", nargs="*", help="ablation rows.json files, their rows drawn together (default: "
+                        "outputs/<preset>/ablation/rows.json)")
     parser.add_argument("--bench", help="token-pruning bench JSON (default: outputs/<preset>/bench/token_pruning.json)")
     parser.add_argument("--out", default="paper/figures")
     args = parser.parse_args(argv)
@@ -208,12 +209,16 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"figures: {run_dir}/metrics.jsonl does not exist; name run folders written by a "
                              "training job (runs/<preset>/<run>/)")
         written.append(plot_losses(run_dir, out))
-    rows_path = Path(args.rows or Path("outputs", args.preset, "ablation", "rows.json"))
+    rows_paths = [Path(r) for r in args.rows] if args.rows else [Path("outputs", args.preset, "ablation", "rows.json")]
     bench_path = Path(args.bench or Path("outputs", args.preset, "bench", "token_pruning.json"))
-    rows = list(json.loads(rows_path.read_text()).values()) if rows_path.is_file() else []
+    missing = [str(r) for r in rows_paths if not r.is_file()]
+    if args.rows and missing:
+        raise SystemExit(f"figures: {', '.join(missing)} does not exist; name rows.json files written by "
+                         "python -m experiments ablation")
+    rows = [row for r in rows_paths if r.is_file() for row in json.loads(r.read_text()).values()]
     bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
     if not rows:
-        print(f"figures: no ablation rows at {rows_path} (python -m experiments ablation makes them); "
+        print(f"figures: no ablation rows at {rows_paths[0]} (python -m experiments ablation makes them); "
               "pareto and pruning figures skipped")
     if bench is None:
         print(f"figures: no {bench_path} (python -m student.token_pruning --out {bench_path} makes it)")

@@ -179,3 +179,24 @@ def test_rows_finished_by_another_process_meanwhile_are_kept(tmp_path, monkeypat
     monkeypatch.setattr(ablation, "write_tables", write_tables)
     assert ablation.main(["--config", str(config), 'only=["mine"]']) == 0
     assert set(json.loads(rows_json.read_text())) == {"mine", "theirs"}
+
+
+def test_figures_draw_the_rows_of_several_ablation_files_together(tmp_path):
+    from experiments.figures import main as figures_main
+
+    def seeds(wer, cider):
+        return [{"seed": s, "wer": wer + 0.01 * s, "cider_d": cider, "spice": None, "spider": None,
+                 "params_ratio": 0.2} for s in (0, 1)]
+
+    pruning, ablation = tmp_path / "pruning.json", tmp_path / "ablation.json"
+    pruning.write_text(json.dumps({"pruned": {"name": "pruned", "tags": {"prune_ratio": 0.5, "recovery": 1},
+                                              "seeds": seeds(0.9, 0.3)}}))
+    ablation.write_text(json.dumps({"keep": {"name": "keep", "tags": {"keep_ratio": 0.25},
+                                             "seeds": seeds(0.8, 0.4)}}))
+    args = ["--runs", "--bench", str(tmp_path / "none.json")]
+    assert figures_main([*args, "--rows", str(pruning), "--out", str(tmp_path / "one")]) == 0
+    assert not (tmp_path / "one" / "token_keep.png").exists()
+    assert figures_main([*args, "--rows", str(pruning), str(ablation), "--out", str(tmp_path / "both")]) == 0
+    assert {p.name for p in (tmp_path / "both").iterdir()} >= {"pruning.png", "token_keep.png", "pareto.png"}
+    with pytest.raises(SystemExit, match="nope.json does not exist"):
+        figures_main([*args, "--rows", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x")])
