@@ -32,7 +32,7 @@ def weight_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             tensors = load_file(str(path))
         elif path.suffix in STATE_DICT_SUFFIXES:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
                 obj = obj["model"]
             tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)} if isinstance(obj, dict) else {}
