@@ -24,7 +24,7 @@ from common.features import FeatureConfig
 from teacher.build import build_salmonn
 from teacher.checkpoint import load_model_folder
 from teacher.salmonn import AUDIO_OUT, SPEECH_OUT, shift_for_next_token
-from teacher.train import average_precision, caption_tags
+from teacher.train_aids import average_precision, caption_tags
 
 torch.set_num_threads(1)
 FEATURES = FeatureConfig(whisper_chunk_seconds=2)  # the tiny Whisper reads 2 s (max_source_positions 100)

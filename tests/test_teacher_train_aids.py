@@ -38,7 +38,7 @@ def test_qformer_ctc_scores_the_transcript_tokens_over_each_clips_windows(tmp_pa
 
 
 def test_audio_token_aligner_scores_each_target_token_by_its_best_own_window(tmp_path):
-    from teacher.train import AudioTokenAligner
+    from teacher.train_aids import AudioTokenAligner
 
     torch.manual_seed(0)
     model, _ = build_salmonn(write_official_layout(tmp_path))
