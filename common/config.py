@@ -222,9 +222,26 @@ def load_job_config(path: str | Path, overrides: list[str] = ()) -> Any:
     return load_config(job_config_class(data["job"]), path, overrides)
 
 
+def added_option(default: Any) -> Any:
+    """A dataclass field for an option added after stages were run: at its default (the old behaviour) it is left
+    out of `config_hash`, so finished stages stay current; any other value enters the hash as usual."""
+    return dataclasses.field(default=default, metadata={"hash": "omit_at_default"})
+
+
+def _hashed(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _hashed(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("hash") == "omit_at_default" and getattr(obj, f.name) == f.default)}
+    if isinstance(obj, (list, tuple)):
+        return [_hashed(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _hashed(v) for k, v in obj.items()}
+    return obj
+
+
 def config_hash(cfg: Any) -> str:
     """A stable hash of the resolved config, used to skip a stage whose inputs did not change."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    blob = json.dumps(_hashed(cfg), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

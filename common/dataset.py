@@ -75,17 +75,25 @@ def _drop_reason(wav: np.ndarray, cfg: DataConfig) -> str | None:
     return None
 
 
-def _first_clips(examples: list[Example], limit: int, report: DataReport) -> list[Example]:
+def first_clip_indices(examples: list[Example], limit: int) -> list[int]:
+    """Indices of the entries that belong to the first `limit` distinct clips (audio paths) of each task, in order;
+    a kept captioning clip keeps all its entries."""
     kept_paths: dict[str, set[str]] = {}
     kept = []
-    for ex in examples:
+    for i, ex in enumerate(examples):
         paths = kept_paths.setdefault(ex.task, set())
         if ex.path not in paths and len(paths) >= limit:
-            report.dropped["beyond_max_clips_per_task"] += 1  # entries, i.e. captions too
             continue
         paths.add(ex.path)
-        kept.append(ex)
+        kept.append(i)
     return kept
+
+
+def _first_clips(examples: list[Example], limit: int, report: DataReport) -> list[Example]:
+    kept = first_clip_indices(examples, limit)
+    if len(kept) < len(examples):
+        report.dropped["beyond_max_clips_per_task"] += len(examples) - len(kept)  # entries, i.e. captions too
+    return [examples[i] for i in kept]
 
 
 def _cap_captions(examples: list[Example], limit: int, report: DataReport) -> list[Example]:

@@ -116,6 +116,33 @@ class _DatasetView(Dataset):
         return len(self.dataset)
 
 
+class SubsetView(_DatasetView):
+    """The entries `indices` of a dataset (any of the views here), renumbered: item `i` is the wrapped dataset's
+    item `indices[i]` with `index` = i. Feature and encoder stores stay those of the whole split."""
+
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset = dataset
+        self.indices = list(indices)
+        self._examples = [dataset.examples[i] for i in self.indices]
+        self._durations = [dataset.durations[i] for i in self.indices]
+
+    @property
+    def examples(self):
+        return self._examples
+
+    @property
+    def durations(self):
+        return self._durations
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[self.indices[index]]
+        item["index"] = index
+        return item
+
+
 class StoredFeatureDataset(_DatasetView):
     """An `AudioTextDataset` whose features come from a feature store instead of the audio files.
 

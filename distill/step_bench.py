@@ -21,8 +21,7 @@ import torch
 from common.config import load_config
 from common.dataset import AudioTextCollator, DurationBucketSampler
 from distill.train import JobConfig as DistillConfig
-from distill.train import build
-from teacher.train import load_split
+from distill.train import build, load_transfer_set
 
 
 def timed_step(distiller, batch, optimizer) -> float:
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     d = load_config(DistillConfig, args.config, args.overrides)
-    train = load_split(d, "train")
+    train = load_transfer_set(d)
     distiller, _ = build(d, train)
     distiller.train()
     ce_cfg = dataclasses.replace(d.kd, kd_weight=0.0, feature_weight=0.0, hidden_weight=0.0)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from common.config import (
+    added_option,
     from_dict,
     mark_stage_done,
     parse_cli,
@@ -34,7 +35,8 @@ from common.config import (
     stage_is_current,
     stage_key,
 )
-from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler
+from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler, first_clip_indices
+from common.feature_store import SubsetView
 from common.features import FeatureConfig
 from common.tracking import MetricLogger
 from common.training import (
@@ -118,6 +120,10 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     feature_store: str = ""
+    transfer_clips_per_task: int = added_option(0)
+    """Distil on only the first N distinct clips of each task of the train split (0 = all): a transfer set smaller
+    than the data the teacher learned from, as SALMONN's teacher has heard far more than a distillation corpus
+    holds. The teacher cache stays the whole split's; a captioning clip keeps all its captions."""
     loop: LoopConfig = field(default_factory=LoopConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -323,6 +329,16 @@ def teacher_tokenizer_of(folder: str | Path):
     return load_tokenizer(LLMConfig(path=str(Path(folder) / "llm")))
 
 
+def load_transfer_set(cfg: JobConfig):
+    """The train split (teacher.train's `load_split`), cut to `transfer_clips_per_task` when that is set."""
+    train = load_split(cfg, "train")
+    if cfg.transfer_clips_per_task:
+        train = SubsetView(train, first_clip_indices(train.examples, cfg.transfer_clips_per_task))
+        print(f"transfer set: the first {cfg.transfer_clips_per_task} clips of each task, "
+              f"{len(train)} of {len(train.dataset)} entries")
+    return train
+
+
 def build(cfg: JobConfig, train) -> tuple[Distiller, SalmonnConfig]:
     """The student (new from the teacher, or loaded) wrapped with its KD terms and teacher side."""
     t_tok = teacher_tokenizer_of(cfg.teacher_folder)
@@ -390,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         save_resolved(cfg, out_dir)
     # The main process goes first and writes the data reports, the feature store and the student's tokenizer.
     with accelerator.main_process_first(), whole_models(accelerator):
-        train, valid = load_split(cfg, "train"), load_split(cfg, "valid")
+        train, valid = load_transfer_set(cfg), load_split(cfg, "valid")
         distiller, student_cfg = build(cfg, train)
     distiller.prepare_teacher(accelerator, cfg.loop)
     tokenizers = report_tokenizers(distiller, train)

@@ -240,11 +240,11 @@ def calibration_setup(cfg: JobConfig, folder: Path, out: Path):
     """(student, list of batches, loss function) for Taylor scoring, from the distill recipe's data and loss."""
     from distill.train import JobConfig as DistillJob
     from distill.train import build as build_distiller
-    from teacher.train import load_split
+    from distill.train import load_transfer_set
 
     overrides = [*cfg.distill_overrides, f"init_from={folder}", f"output_dir={out / 'calibration'}"]
     dcfg = load_config(DistillJob, cfg.distill_config, overrides)
-    train = load_split(dcfg, "train")
+    train = load_transfer_set(dcfg)
     if cfg.calibration.loss == "distill":
         distiller, _ = build_distiller(dcfg, train)
         student, loss_fn = distiller.student, lambda batch: distiller(batch)["loss"]

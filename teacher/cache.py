@@ -23,7 +23,7 @@ from tqdm import tqdm
 from common.config import file_stamps, mark_stage_done, parse_cli, stage_is_current
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
 from common.device import InferenceDtype, place_for_inference
-from common.feature_store import with_feature_store
+from common.feature_store import SubsetView, with_feature_store
 from common.features import FeatureConfig
 from evaluation.interface import move_batch
 from teacher.build import SalmonnConfig, build_salmonn
@@ -66,7 +66,11 @@ class JobConfig:
 
 
 def sample_keys(dataset) -> list[str]:
-    """One key per entry: index, task, audio path and a hash of the reference text (same data → same keys)."""
+    """One key per entry: index, task, audio path and a hash of the reference text (same data → same keys).
+    A subset of a split (`common.feature_store.SubsetView`) has its entries' keys in the whole split."""
+    if isinstance(dataset, SubsetView):
+        keys = sample_keys(dataset.dataset)
+        return [keys[i] for i in dataset.indices]
     keys = []
     for i, ex in enumerate(dataset.examples):
         digest = hashlib.sha1(ex.text.encode()).hexdigest()[:12]

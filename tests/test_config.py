@@ -9,6 +9,7 @@ import yaml
 
 from common.config import (
     ConfigError,
+    added_option,
     config_hash,
     from_dict,
     load_config,
@@ -114,6 +115,29 @@ def test_resolved_config_roundtrip_and_hash(tmp_path):
     assert from_dict(Job, data) == cfg
     assert config_hash(cfg) == config_hash(load_config(Job, None, ["steps=7"]))
     assert config_hash(cfg) != config_hash(load_config(Job, None, ["steps=8"]))
+
+
+@dataclass
+class LaterOptim(Optim):
+    clip: float = added_option(0.0)
+
+
+@dataclass
+class LaterJob(Job):
+    optim: LaterOptim = field(default_factory=LaterOptim)
+    subset: int = added_option(0)
+
+
+def test_an_option_added_later_keeps_finished_stages_current_at_its_default(tmp_path):
+    old = load_config(Job, None, ["steps=7"])
+    mark_stage_done(old, tmp_path)
+    later = load_config(LaterJob, None, ["steps=7"])
+    assert config_hash(later) == config_hash(old) and stage_is_current(later, tmp_path)
+    for override in ("subset=5", "optim.clip=1.0"):
+        changed = load_config(LaterJob, None, ["steps=7", override])
+        assert config_hash(changed) != config_hash(old) and not stage_is_current(changed, tmp_path)
+    saved = yaml.safe_load(save_resolved(later, tmp_path / "resolved").read_text())
+    assert saved["subset"] == 0 and saved["optim"]["clip"] == 0.0  # the resolved file still shows every option
 
 
 def test_cli_exits_with_message(capsys):

@@ -93,6 +93,20 @@ def test_teacher_annealing_scales_every_kd_term_down_to_zero(setup, tmp_path):
     assert anneal_scale("linear", 400, 801) == 0.5
 
 
+def test_a_transfer_set_of_the_first_clips_reads_the_whole_splits_cache(setup, tmp_path, monkeypatch):
+    from teacher.cache_store import CacheReader
+
+    read = []
+    original = CacheReader.__getitem__
+    monkeypatch.setattr(CacheReader, "__getitem__", lambda self, key: read.append(key) or original(self, key))
+    args = recipe_args(setup, tmp_path, "transfer_clips_per_task=1", "kd.feature_weight=1.0")
+    assert distill_main(args) == 0
+    # the first ASR clip is entry 0, the first captioning clip entry 3; the cache keys keep the split's numbering
+    assert {key.split("|")[0] for key in read} == {"0000000", "0000003"}
+    assert {key.split("|")[2] for key in read} == {str(setup / "0.wav"), str(setup / "3.wav")}
+    assert len([r for r in read_metrics(tmp_path / "runs") if "train/kd" in r]) == 4
+
+
 def test_answer_rows_left_aligns_targets():
     logits = torch.arange(2 * 5 * 3, dtype=torch.float).reshape(2, 5, 3)
     labels = torch.tensor([[-100, -100, 4, 5, -100], [-100, 1, 2, 3, -100]])
