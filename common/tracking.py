@@ -33,12 +33,45 @@ class MetricLogger:
         self.stdout_every = max(1, stdout_every)
         self._calls = 0
         self._writer = None
+        self._earlier_events = sorted(self.log_dir.glob("events.out.tfevents.*"))
+        self._session: list[tuple[int, dict[str, float]]] | None = []  # this run's records until continue_after
         if "tensorboard" in self.backends:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(self.log_dir))
-        self._jsonl = open(self.log_dir / "metrics.jsonl", "a") if "jsonl" in self.backends else None
+        jsonl = self.log_dir / "metrics.jsonl"
+        self._earlier_lines = jsonl.read_text().splitlines() if "jsonl" in self.backends and jsonl.is_file() else []
+        self._jsonl = open(jsonl, "a") if "jsonl" in self.backends else None
         self._start = time.time()
+
+    def continue_after(self, step: int) -> None:
+        """Drop what earlier runs in this folder logged after `step`: the training loop calls this once it knows
+        where it starts (0 for a run that starts over, N when it resumes a checkpoint of step N), so a rerun or a
+        resumed run leaves one curve, not several on top of each other. Records of steps 1..N stay; so does
+        everything this run logged already. TensorBoard gets a purge marker at N + 1 (at 0 the old event files go)."""
+        if self._jsonl is not None and self._earlier_lines:
+            kept = [line for line in self._earlier_lines if 0 < _step_of(line) <= step]
+            ours = (self.log_dir / "metrics.jsonl").read_text().splitlines()[len(self._earlier_lines):]
+            self._jsonl.close()
+            tmp = self.log_dir / "metrics.jsonl.tmp"
+            tmp.write_text("".join(line + "\n" for line in kept + ours))
+            tmp.replace(self.log_dir / "metrics.jsonl")
+            self._jsonl = open(self.log_dir / "metrics.jsonl", "a")
+        self._earlier_lines = []
+        if self._writer is not None and self._earlier_events:
+            from torch.utils.tensorboard import SummaryWriter
+
+            if step == 0:
+                for old in self._earlier_events:
+                    old.unlink(missing_ok=True)
+            else:
+                self._writer.close()
+                self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=step + 1)
+                for at, values in self._session or []:
+                    if at > step:
+                        for tag, v in values.items():
+                            self._writer.add_scalar(tag, v, at)
+        self._earlier_events, self._session = [], None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record scalars at `step`. Every tag starts with one of TAG_PREFIXES (e.g. `train/kd_loss`)."""
@@ -46,6 +79,8 @@ class MetricLogger:
         if bad:
             raise ValueError(f"metric tags {bad} must start with one of {TAG_PREFIXES}")
         values = {tag: float(v) for tag, v in metrics.items()}
+        if self._session is not None:
+            self._session.append((step, values))
         if self._writer is not None:
             for tag, v in values.items():
                 self._writer.add_scalar(tag, v, step)
@@ -73,6 +108,14 @@ class MetricLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _step_of(line: str) -> int:
+    """The step of one JSONL record; -1 for a blank or torn line (a run killed mid-write), which is dropped."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1
 
 
 def read_metrics(log_dir: str | Path) -> list[dict]:

@@ -478,6 +478,7 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
         state = load_checkpoint(latest, accelerator.unwrap_model(model), optimizer, scheduler, scaler,
                                 rank=accelerator.process_index, engine=model if deepspeed else None)
         print(f"resumed from {latest} at step {state.step}")
+    logger.continue_after(state.step)  # what an earlier run logged past this point would draw a second curve
     params = [p for p in model.parameters() if p.requires_grad]
     batches = _batches_from(sampler, state)
     bar = tqdm(total=loop.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,

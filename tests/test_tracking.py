@@ -35,3 +35,33 @@ def test_rejects_untagged_metrics_and_unknown_backends(tmp_path):
         log.log(0, {"loss": 1.0})
     with pytest.raises(ValueError, match="unknown logger backend"):
         MetricLogger(tmp_path, backends=("wandb",))
+
+
+def scalars(log_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_a_resumed_or_restarted_run_leaves_one_curve(tmp_path):
+    with MetricLogger(tmp_path, stdout_every=100) as log:  # a run killed after step 5, its checkpoint at 3
+        for step in range(1, 6):
+            log.log(step, {"train/loss": float(step)})
+    with MetricLogger(tmp_path, stdout_every=100) as log:  # the resumed run
+        log.log(0, {"data/clips": 7.0})  # logged before training starts: kept
+        log.continue_after(3)
+        for step in (4, 5, 6):
+            log.log(step, {"train/loss": 10.0 * step})
+    expected = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+    records = read_metrics(tmp_path)
+    assert [(r["step"], r["train/loss"]) for r in records if "train/loss" in r] == expected
+    assert scalars(tmp_path, "train/loss") == expected
+    assert scalars(tmp_path, "data/clips") == [(0, 7.0)]
+
+    with MetricLogger(tmp_path, stdout_every=100) as log:  # a rerun from scratch (changed config, --force)
+        log.continue_after(0)
+        log.log(1, {"train/loss": -1.0})
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+    assert scalars(tmp_path, "train/loss") == [(1, -1.0)] and len(list(tmp_path.glob("events.out.*"))) == 1
