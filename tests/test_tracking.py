@@ -1,6 +1,7 @@
 """The metric logger writes JSONL (read back here), TensorBoard events and stdout."""
 
 import math
+import time
 
 import pytest
 
@@ -49,6 +50,9 @@ def test_a_resumed_or_restarted_run_leaves_one_curve(tmp_path):
     with MetricLogger(tmp_path, stdout_every=100) as log:  # a run killed after step 5, its checkpoint at 3
         for step in range(1, 6):
             log.log(step, {"train/loss": float(step)})
+    # TensorBoard reads event files in name order and the names carry whole seconds; a resumed run is a later
+    # process, so its file sorts after the old one. Within one second the names would tie on the time.
+    time.sleep(1.1)
     with MetricLogger(tmp_path, stdout_every=100) as log:  # the resumed run
         log.log(0, {"data/clips": 7.0})  # logged before training starts: kept
         log.continue_after(3)
