@@ -167,17 +167,27 @@ def plot_token_keep(rows: list[dict], bench: dict | None, out: Path) -> Path | N
     return _save(fig, out / "token_keep.png")
 
 
+def pruning_points(rows: list[dict], key: str, recovery: int) -> list[tuple[float, float, float | None]]:
+    """(pruning ratio, mean, std) of `key` for the rows without int8 that have this recovery tag, by ratio. Where
+    several rows (e.g. from several rows.json files) share a ratio, the one with the most seeds is drawn."""
+    best: dict[float, dict] = {}
+    for r in tagged(rows, "prune_ratio"):
+        if int(r["tags"].get("recovery", 0)) != recovery or r["tags"].get("int8"):
+            continue
+        ratio = float(r["tags"]["prune_ratio"])
+        if ratio not in best or len(r["seeds"]) > len(best[ratio]["seeds"]):
+            best[ratio] = r
+    pts = [(ratio, *mean_std([s.get(key) for s in r["seeds"]])) for ratio, r in sorted(best.items())]
+    return [p for p in pts if p[1] is not None]
+
+
 def plot_pruning(rows: list[dict], out: Path) -> Path | None:
-    pruned = tagged(rows, "prune_ratio")
-    if not pruned:
+    if not tagged(rows, "prune_ratio"):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in zip(axes, ("wer", "cider_d"), ("WER", "CIDEr-D"), strict=True):
         for recovery, style in ((0, "o--"), (1, "s-")):
-            group = [r for r in pruned if int(r["tags"].get("recovery", 0)) == recovery
-                     and not r["tags"].get("int8")]
-            pts = sorted((r["tags"]["prune_ratio"], *mean_std([s.get(key) for s in r["seeds"]])) for r in group)
-            pts = [p for p in pts if p[1] is not None]
+            pts = pruning_points(rows, key, recovery)
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt=style,
                             capsize=3, label="KD recovery" if recovery else "no recovery")

@@ -200,3 +200,16 @@ def test_figures_draw_the_rows_of_several_ablation_files_together(tmp_path):
     assert {p.name for p in (tmp_path / "both").iterdir()} >= {"pruning.png", "token_keep.png", "pareto.png"}
     with pytest.raises(SystemExit, match="nope.json does not exist"):
         figures_main([*args, "--rows", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x")])
+
+
+def test_pruning_figure_draws_one_point_per_ratio_the_row_with_most_seeds():
+    from experiments.figures import pruning_points
+
+    def row(ratio, recovery, wers, int8=0):
+        return {"tags": {"prune_ratio": ratio, "recovery": recovery, "int8": int8},
+                "seeds": [{"seed": i, "wer": w} for i, w in enumerate(wers)]}
+
+    rows = [row(0.5, 0, [1.4]), row(0.5, 0, [1.0, 1.2, 1.4]), row(0.25, 0, [0.8]), row(0.5, 1, [0.9]),
+            row(0.5, 0, [9.0, 9.0, 9.0, 9.0], int8=1)]
+    assert pruning_points(rows, "wer", 0) == [(0.25, 0.8, None), (0.5, pytest.approx(1.2), pytest.approx(0.2))]
+    assert pruning_points(rows, "wer", 1) == [(0.5, 0.9, None)]
