@@ -48,7 +48,8 @@ class MetricLogger:
         """Drop what earlier runs in this folder logged after `step`: the training loop calls this once it knows
         where it starts (0 for a run that starts over, N when it resumes a checkpoint of step N), so a rerun or a
         resumed run leaves one curve, not several on top of each other. Records of steps 1..N stay; so does
-        everything this run logged already. TensorBoard gets a purge marker at N + 1 (at 0 the old event files go)."""
+        everything this run logged already (in TensorBoard, only past N: the earlier event files hold the rest, e.g.
+        the data/ scalars of step 0). TensorBoard gets a purge marker at N + 1 (at 0 the old event files go)."""
         if self._jsonl is not None and self._earlier_lines:
             kept = [line for line in self._earlier_lines if 0 < _step_of(line) <= step]
             ours = (self.log_dir / "metrics.jsonl").read_text().splitlines()[len(self._earlier_lines):]
@@ -67,10 +68,12 @@ class MetricLogger:
             else:
                 self._writer.close()
                 self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=step + 1)
-                for at, values in self._session or []:
-                    if at > step:
-                        for tag, v in values.items():
-                            self._writer.add_scalar(tag, v, at)
+            # Held back until now (see `log`). Records of steps up to a resumed checkpoint (the data/ scalars a run
+            # logs before training) are in the earlier event files already: a second copy would draw twice.
+            for at, values in self._session or []:
+                if step == 0 or at > step:
+                    for tag, v in values.items():
+                        self._writer.add_scalar(tag, v, at)
         self._earlier_events, self._session = [], None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -81,8 +84,8 @@ class MetricLogger:
         values = {tag: float(v) for tag, v in metrics.items()}
         if self._session is not None:
             self._session.append((step, values))
-        if self._writer is not None:
-            for tag, v in values.items():
+        if self._writer is not None and not (self._earlier_events and self._session is not None):
+            for tag, v in values.items():  # with earlier event files here, TensorBoard waits for continue_after
                 self._writer.add_scalar(tag, v, step)
         if self._jsonl is not None:
             record = {"step": step, "time": round(time.time() - self._start, 3)}
@@ -95,6 +98,11 @@ class MetricLogger:
         self._calls += 1
 
     def close(self) -> None:
+        if self._earlier_events and self._session is not None and self._writer is not None:
+            for at, values in self._session:  # never told where it starts: keep everything, as a plain logger does
+                for tag, v in values.items():
+                    self._writer.add_scalar(tag, v, at)
+            self._session = None
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()

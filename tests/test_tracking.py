@@ -48,13 +48,14 @@ def scalars(log_dir, tag):
 
 def test_a_resumed_or_restarted_run_leaves_one_curve(tmp_path):
     with MetricLogger(tmp_path, stdout_every=100) as log:  # a run killed after step 5, its checkpoint at 3
+        log.log(0, {"data/clips": 7.0})  # what a run logs before training (dataset sizes, vocabulary overlap)
         for step in range(1, 6):
             log.log(step, {"train/loss": float(step)})
     # TensorBoard reads event files in name order and the names carry whole seconds; a resumed run is a later
     # process, so its file sorts after the old one. Within one second the names would tie on the time.
     time.sleep(1.1)
     with MetricLogger(tmp_path, stdout_every=100) as log:  # the resumed run
-        log.log(0, {"data/clips": 7.0})  # logged before training starts: kept
+        log.log(0, {"data/clips": 7.0})  # logged again before it knows it resumes: one point, not two
         log.continue_after(3)
         for step in (4, 5, 6):
             log.log(step, {"train/loss": 10.0 * step})
