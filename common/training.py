@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -460,6 +461,10 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas))
     scheduler = warmup_cosine(optimizer, optim.warmup_steps, loop.max_steps, optim.min_lr_ratio)
+    if main and optim.warmup_steps >= loop.max_steps:  # e.g. a short recovery run that kept a long run's warm-up
+        print(f"warning: optim.warmup_steps={optim.warmup_steps} >= loop.max_steps={loop.max_steps}: the lr only "
+              f"warms up, ends at its peak ({optim.lr:g}) and never decays; set optim.warmup_steps below "
+              f"loop.max_steps (e.g. a tenth of it)", file=sys.stderr, flush=True)
     if deepspeed:
         configure_deepspeed(accelerator, loop, optim)
     model, optimizer = accelerator.prepare(model, optimizer)

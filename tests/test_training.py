@@ -42,14 +42,14 @@ def mse(model, batch):
     return {"loss": loss, "mse": loss.detach()}
 
 
-def run(tmp, loss_fn=mse, max_steps=10, run_key="", **loop_kw):
+def run(tmp, loss_fn=mse, max_steps=10, run_key="", warmup_steps=2, **loop_kw):
     seed_everything(0)
     model = TinyRegressor()
     items, durations = make_data()
     sampler = DurationBucketSampler(durations, batch_size=8, pool_batches=2, seed=0)
     loop = LoopConfig(max_steps=max_steps, log_every=1, eval_every=100, save_every=3, keep_last=2, **loop_kw)
     with MetricLogger(tmp / "logs", backends=("jsonl",)) as logger:
-        fit(model, items, sampler, collate, loss_fn, loop, OptimConfig(lr=1e-2, warmup_steps=2), tmp, logger,
+        fit(model, items, sampler, collate, loss_fn, loop, OptimConfig(lr=1e-2, warmup_steps=warmup_steps), tmp, logger,
             run_key=run_key)
     return model
 
@@ -101,6 +101,13 @@ def test_logs_every_term_and_lr(tmp_path):
     assert {"train/loss", "train/mse", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(records[0])
     assert records[0]["train/lr"] == pytest.approx(1e-2)  # after warm-up step 1 of 2 the next lr is the peak
     assert records[-1]["train/loss"] < records[0]["train/loss"] * 2
+
+
+def test_a_run_no_longer_than_its_warmup_is_warned_about(tmp_path, capsys):
+    run(tmp_path / "a", max_steps=4, warmup_steps=4)  # the lr would end at its peak, never decaying
+    assert "optim.warmup_steps=4 >= loop.max_steps=4" in capsys.readouterr().err
+    run(tmp_path / "b", max_steps=4, warmup_steps=3)
+    assert "warmup_steps" not in capsys.readouterr().err
 
 
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
