@@ -68,13 +68,21 @@ class MetricLogger:
             else:
                 self._writer.close()
                 self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=step + 1)
-            # Held back until now (see `log`). Records of steps up to a resumed checkpoint (the data/ scalars a run
-            # logs before training) are in the earlier event files already: a second copy would draw twice.
-            for at, values in self._session or []:
-                if step == 0 or at > step:
-                    for tag, v in values.items():
-                        self._writer.add_scalar(tag, v, at)
+            # Records of steps up to a resumed checkpoint (the data/ scalars a run logs before training) are in the
+            # earlier event files already: a second copy would draw twice.
+            self._write_held(after=step if step else -1)
         self._earlier_events, self._session = [], None
+
+    def _holding_back(self) -> bool:
+        """Earlier event files here and no `continue_after` yet: TensorBoard writes wait for it."""
+        return bool(self._earlier_events) and self._session is not None
+
+    def _write_held(self, after: int) -> None:
+        """Write to TensorBoard the records this run held back, those of steps past `after`."""
+        for at, values in self._session or []:
+            if at > after:
+                for tag, v in values.items():
+                    self._writer.add_scalar(tag, v, at)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record scalars at `step`. Every tag starts with one of TAG_PREFIXES (e.g. `train/kd_loss`)."""
@@ -84,8 +92,8 @@ class MetricLogger:
         values = {tag: float(v) for tag, v in metrics.items()}
         if self._session is not None:
             self._session.append((step, values))
-        if self._writer is not None and not (self._earlier_events and self._session is not None):
-            for tag, v in values.items():  # with earlier event files here, TensorBoard waits for continue_after
+        if self._writer is not None and not self._holding_back():
+            for tag, v in values.items():
                 self._writer.add_scalar(tag, v, step)
         if self._jsonl is not None:
             record = {"step": step, "time": round(time.time() - self._start, 3)}
@@ -98,10 +106,8 @@ class MetricLogger:
         self._calls += 1
 
     def close(self) -> None:
-        if self._earlier_events and self._session is not None and self._writer is not None:
-            for at, values in self._session:  # never told where it starts: keep everything, as a plain logger does
-                for tag, v in values.items():
-                    self._writer.add_scalar(tag, v, at)
+        if self._writer is not None and self._holding_back():  # never told where it starts: keep everything
+            self._write_held(after=-1)
             self._session = None
         if self._writer is not None:
             self._writer.flush()
