@@ -88,6 +88,10 @@ class KDConfig:
     """Positions per chunk of the KD loss (0 = all at once); keeps a 256k vocabulary in memory."""
     uld_weight: float = 0.0
     """Across tokenizers: weight of ULD on the full sorted distributions at aligned positions."""
+    tasks: tuple[str, ...] = added_option(())
+    """Tasks (of `data.tasks`) whose answers get the logit KD term; empty: every task. For a teacher that is
+    weaker than the labels on some task, e.g. `[asr]`: the other tasks' answers train on CE (and feature KD) alone.
+    The term stays a mean over the selected answers' tokens."""
     feature_weight: float = 0.0
     """Q-Former output KD (MSE + cosine per window)."""
     hidden_weight: float = 0.0
@@ -226,9 +230,12 @@ class Distiller(nn.Module):
         windows = [out.qformer_out[i] for i in range(out.qformer_out.shape[0])]
         return rows, windows
 
-    def logit_term(self, rows, mask, teacher, texts) -> dict[str, torch.Tensor]:
+    def logit_term(self, rows, mask, teacher, texts, selected: list[bool] | None = None) -> dict[str, torch.Tensor]:
+        """The logit KD term over the answer rows of the samples `selected` marks (None: all of them)."""
         c = self.cfg
         chunk = c.chunk_size or None
+        if selected is not None:
+            mask = mask & torch.tensor(selected, dtype=torch.bool, device=mask.device)[:, None]
         if self.vocab_map is None:
             length = teacher.ids.shape[1] if isinstance(teacher, SparseTeacher) else teacher.shape[1]
             if length != rows.shape[1]:
@@ -237,7 +244,9 @@ class Distiller(nn.Module):
             kd = logit_kd(c.loss, rows, teacher, mask, c.temperature, beta=c.beta, alpha=c.alpha,
                           scale_by_t2=c.scale_by_t2, chunk_size=chunk)
             return {"kd": kd}
-        alignments = [align_spans(t, self.teacher_tokenizer, self.student.tokenizer, with_eos=True) for t in texts]
+        keep = selected if selected is not None else [True] * len(texts)
+        alignments = [align_spans(t, self.teacher_tokenizer, self.student.tokenizer, with_eos=True) if k else []
+                      for t, k in zip(texts, keep, strict=True)]
         out = cross_tokenizer_kd(rows, teacher, alignments, self.vocab_map, c.loss, c.temperature, c.uld_weight,
                                  beta=c.beta, alpha=c.alpha, scale_by_t2=c.scale_by_t2, chunk_size=chunk,
                                  student_mask=mask)
@@ -259,7 +268,8 @@ class Distiller(nn.Module):
         if c.kd_weight:
             logits, labels = shift_for_next_token(out.logits, out.labels)
             rows, mask = answer_rows(logits, labels)
-            kd_terms = self.logit_term(rows, mask, teacher_rows, batch["texts"])
+            selected = [t in c.tasks for t in batch["tasks"]] if c.tasks else None
+            kd_terms = self.logit_term(rows, mask, teacher_rows, batch["texts"], selected)
             terms.update(kd_terms)
             loss = loss + scale * c.kd_weight * kd_terms["kd"]
         if c.feature_weight:
@@ -341,6 +351,10 @@ def load_transfer_set(cfg: JobConfig):
 
 def build(cfg: JobConfig, train) -> tuple[Distiller, SalmonnConfig]:
     """The student (new from the teacher, or loaded) wrapped with its KD terms and teacher side."""
+    unknown = [t for t in cfg.kd.tasks if t not in cfg.data.tasks]
+    if unknown:
+        raise SystemExit(f"kd.tasks names {unknown}, which are not tasks of this data (data.tasks: {cfg.data.tasks}); "
+                         "list some of those, or leave kd.tasks empty for every task")
     t_tok = teacher_tokenizer_of(cfg.teacher_folder)
     if cfg.init_from:
         student = load_student_folder(cfg.init_from)

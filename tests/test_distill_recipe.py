@@ -137,3 +137,31 @@ def test_step_bench_reports_a_ratio(setup, tmp_path):
     result = bench_main(["--config", str(config), "--steps", "2", "kd.feature_weight=1.0",
                          *recipe_args(setup, tmp_path / "bench")])
     assert result["ce"] > 0 and result["kd"] > 0 and result["ratio_kd_over_ce"] > 0
+
+
+def test_logit_kd_on_some_tasks_leaves_the_others_to_ce(setup, tmp_path, monkeypatch):
+    import distill.train as train_module
+
+    calls = []
+    original = train_module.cross_tokenizer_kd
+
+    def recording(rows, teacher, alignments, *args, student_mask=None, **kwargs):
+        calls.append(([len(a) for a in alignments], student_mask.any(1).tolist()))
+        return original(rows, teacher, alignments, *args, student_mask=student_mask, **kwargs)
+
+    aligned_texts = []
+    original_align = train_module.align_spans
+    monkeypatch.setattr(train_module, "cross_tokenizer_kd", recording)
+    monkeypatch.setattr(train_module, "align_spans", lambda text, *a, **k: aligned_texts.append(text)
+                        or original_align(text, *a, **k))
+    args = recipe_args(setup, tmp_path, "kd.tasks=[audiocaption]", "loop.max_steps=2", "loop.batch_size=8")
+    assert distill_main(args) == 0
+    assert aligned_texts and set(aligned_texts) == {"a high tone followed by three short beeps"}
+    for lengths, has_targets in calls:  # every batch holds all 8 samples, 2 of them captions
+        assert sum(n > 0 for n in lengths) == 2
+        assert has_targets == [n > 0 for n in lengths]
+    records = [r for r in read_metrics(tmp_path / "runs") if "train/kd" in r]
+    assert len(records) == 2 and all(r["train/kd"] > 0 for r in records)
+
+    with pytest.raises(SystemExit, match=r"kd.tasks names \['captions'\]"):
+        distill_main(recipe_args(setup, tmp_path / "bad", "kd.tasks=[captions]"))
