@@ -13,8 +13,9 @@ model is then scored by `evaluation.run`, with the teacher measured in the same 
 efficiency ratios.
 
 Outputs: `<table_dir>/<table_name>.{md,csv,tex}` (each row with the command that reproduces it),
-`<table_dir>/<table_name>_commands.md` (every stage command of every row and seed), and
-`<output_dir>/rows.json` (the per-seed values the figures read).
+`<table_dir>/<table_name>_commands.md` (every stage command of every row and seed),
+`<table_dir>/<table_name>_rows.json` (the table's per-seed values, kept beside it so that its figures can be drawn
+again from a clone, where `output_dir` is empty) and `<output_dir>/rows.json` (every row run into that folder).
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ def row_command(cfg: JobConfig, name: str) -> str:
 
 
 def write_tables(cfg: JobConfig, rows: list[dict]) -> list[Path]:
-    """`<table_name>.md`, `.csv`, `.tex` and `_commands.md` under `table_dir`; returns the paths."""
+    """`<table_name>.md`, `.csv`, `.tex`, `_commands.md` and `_rows.json` under `table_dir`; returns the paths."""
     out = Path(cfg.table_dir)
     out.mkdir(parents=True, exist_ok=True)
     keys = (*QUALITY, *SIZES, *RATIOS)
@@ -333,7 +334,9 @@ def write_tables(cfg: JobConfig, rows: list[dict]) -> list[Path]:
             lines += ["", *[f"    {c}" for c in entry["stages"]], f"    {entry['evaluate']}", ""]
     commands_path = out / f"{cfg.table_name}_commands.md"
     commands_path.write_text("\n".join(lines))
-    return [md_path, csv_path, tex_path, commands_path]
+    rows_path = out / f"{cfg.table_name}_rows.json"
+    rows_path.write_text(json.dumps({row["name"]: row for row in rows}, indent=1) + "\n")
+    return [md_path, csv_path, tex_path, commands_path, rows_path]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,10 @@
 
     python -m experiments figures [--preset toy] [--out paper/figures]
 
-Reads `runs/<preset>/<run>/metrics.jsonl` (every training run's scalars, written by common.tracking),
-`outputs/<preset>/ablation/rows.json` (from `python -m experiments ablation`) and
+Reads `runs/<preset>/<run>/metrics.jsonl` (every training run's scalars, written by common.tracking), the
+ablation's rows (from `python -m experiments ablation --config configs/<preset>/ablation.yaml`: its
+`outputs/<preset>/ablation/rows.json`, or in a clone without it the `paper/tables/ablation_rows.json` kept beside
+the table) and
 `outputs/<preset>/bench/token_pruning.json` (from `python -m student.token_pruning --out ...`), and writes:
 
 - `loss_<run>.png`: every loss term of a training run, one panel each, against the step;
@@ -28,8 +30,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from common.config import load_config  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
-from experiments.ablation import mean_std  # noqa: E402
+from experiments.ablation import JobConfig, mean_std  # noqa: E402
 
 NOT_LOSSES = ("lr", "grad_norm", "tokens_per_s", "memory_mb", "skipped_steps", "aligned_fraction", "carried_mass")
 
@@ -199,13 +202,23 @@ def plot_pruning(rows: list[dict], out: Path) -> Path | None:
     return _save(fig, out / "pruning.png")
 
 
+def default_rows(preset: str) -> Path:
+    """The preset's ablation rows: those run on this machine (`<output_dir>/rows.json`), else the ones kept beside
+    its table (`<table_dir>/<table_name>_rows.json`, in git)."""
+    config = Path("configs", preset, "ablation.yaml")
+    cfg = load_config(JobConfig, config) if config.is_file() else JobConfig()
+    local = Path(cfg.output_dir, "rows.json")
+    kept = Path(cfg.table_dir, f"{cfg.table_name}_rows.json")
+    return kept if kept.is_file() and not local.is_file() else local
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments figures", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="toy")
     parser.add_argument("--runs", nargs="*", help="run folders with metrics.jsonl (default: runs/<preset>/* "
                         "except the ablation's)")
     parser.add_argument("--rows", nargs="*", help="ablation rows.json files, their rows drawn together (default: "
-                        "outputs/<preset>/ablation/rows.json)")
+                        "outputs/<preset>/ablation/rows.json, else the table's <table_name>_rows.json)")
     parser.add_argument("--bench", help="token-pruning bench JSON (default: outputs/<preset>/bench/token_pruning.json)")
     parser.add_argument("--out", default="paper/figures")
     args = parser.parse_args(argv)
@@ -219,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"figures: {run_dir}/metrics.jsonl does not exist; name run folders written by a "
                              "training job (runs/<preset>/<run>/)")
         written.append(plot_losses(run_dir, out))
-    rows_paths = [Path(r) for r in args.rows] if args.rows else [Path("outputs", args.preset, "ablation", "rows.json")]
+    rows_paths = [Path(r) for r in args.rows] if args.rows else [default_rows(args.preset)]
     bench_path = Path(args.bench or Path("outputs", args.preset, "bench", "token_pruning.json"))
     missing = [str(r) for r in rows_paths if not r.is_file()]
     if args.rows and missing:

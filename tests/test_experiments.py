@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -87,7 +88,7 @@ def test_tables_hold_mean_and_std_per_row(tmp_path):
              for s, w, c in ((0, 0.2, 0.30), (1, 0.4, 0.34))]
     rows = [{"name": "kd & co", "tags": {}, "seeds": seeds, "commands": [{"seed": 0, "stages": ["python -m x"],
              "evaluate": "python -m evaluation.run"}], "unavailable": {"spice": "no SPICE jar"}}]
-    md, csv_path, tex, commands = write_tables(cfg, rows)
+    md, csv_path, tex, commands, kept = write_tables(cfg, rows)
     text = md.read_text()
     wer_std, cider_std = math.sqrt(0.02), math.sqrt(0.0008)
     assert (f"| kd & co | 0.300 ± {wer_std:.3f} | 0.320 ± {cider_std:.3f} | n/a | n/a | 5.000 ± 0.000 | "
@@ -98,6 +99,7 @@ def test_tables_hold_mean_and_std_per_row(tmp_path):
     assert line[-1].endswith(f"only='{json.dumps(['kd & co'])}'")  # the row's own command
     assert r"kd \& co" in tex.read_text() and r"$\pm$" in tex.read_text()
     assert "python -m x" in commands.read_text()
+    assert json.loads(kept.read_text()) == {"kd & co": rows[0]}  # the per-seed values, kept for the figures
 
 
 def test_a_typo_in_any_row_stops_before_anything_runs(tmp_path):
@@ -213,3 +215,20 @@ def test_pruning_figure_draws_one_point_per_ratio_the_row_with_most_seeds():
             row(0.5, 0, [9.0, 9.0, 9.0, 9.0], int8=1)]
     assert pruning_points(rows, "wer", 0) == [(0.25, 0.8, None), (0.5, pytest.approx(1.2), pytest.approx(0.2))]
     assert pruning_points(rows, "wer", 1) == [(0.5, 0.9, None)]
+
+
+def test_figures_fall_back_to_the_rows_kept_beside_the_table(tmp_path, monkeypatch):
+    """A clone has no outputs/: the figures read the per-seed values written (and committed) beside the table."""
+    from experiments.figures import default_rows
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "p").mkdir(parents=True)
+    (tmp_path / "configs" / "p" / "ablation.yaml").write_text(
+        "job: experiments.ablation\npreset: p\noutput_dir: out/abl\ntable_dir: tables\ntable_name: t\n")
+    assert default_rows("p") == Path("out/abl/rows.json")  # neither exists: the one the message names
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "t_rows.json").write_text("{}")
+    assert default_rows("p") == Path("tables/t_rows.json")
+    (tmp_path / "out" / "abl").mkdir(parents=True)
+    (tmp_path / "out" / "abl" / "rows.json").write_text("{}")
+    assert default_rows("p") == Path("out/abl/rows.json")  # rows run here win

@@ -90,6 +90,7 @@ def test_smoke_ablation_table_and_figures():
     table = (out / "tables" / "ablation.md").read_text()
     assert all(f"| {name} |" in table for name in rows) and " ± " in table
     assert (out / "tables" / "ablation.csv").is_file() and (out / "tables" / "ablation.tex").is_file()
+    assert json.loads((out / "tables" / "ablation_rows.json").read_text()) == rows  # kept beside the table
     figures = ROOT / "outputs" / "smoke" / "figures"
     for png in ("pareto.png", "token_keep.png"):
         assert (figures / png).stat().st_size > 10_000, png
