@@ -89,9 +89,9 @@ class KDConfig:
     uld_weight: float = 0.0
     """Across tokenizers: weight of ULD on the full sorted distributions at aligned positions."""
     tasks: tuple[str, ...] = added_option(())
-    """Tasks (of `data.tasks`) whose answers get the logit KD term; empty: every task. For a teacher that is
-    weaker than the labels on some task, e.g. `[asr]`: the other tasks' answers train on CE (and feature KD) alone.
-    The term stays a mean over the selected answers' tokens."""
+    """Tasks (of `data.tasks`) whose samples get the KD terms (logit, feature, hidden); empty: every task. For a
+    teacher that is weaker than the labels on some task, e.g. `[asr]`: the other tasks' samples train on CE alone.
+    Each term stays a mean over what the selected samples hold (answer tokens, windows, frames)."""
     feature_weight: float = 0.0
     """Q-Former output KD (MSE + cosine per window)."""
     hidden_weight: float = 0.0
@@ -230,12 +230,12 @@ class Distiller(nn.Module):
         windows = [out.qformer_out[i] for i in range(out.qformer_out.shape[0])]
         return rows, windows
 
-    def logit_term(self, rows, mask, teacher, texts, selected: list[bool] | None = None) -> dict[str, torch.Tensor]:
-        """The logit KD term over the answer rows of the samples `selected` marks (None: all of them)."""
+    def logit_term(self, rows, mask, teacher, texts, chosen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The logit KD term over the answer rows of the samples `chosen` [batch] bool marks (None: all of them)."""
         c = self.cfg
         chunk = c.chunk_size or None
-        if selected is not None:
-            mask = mask & torch.tensor(selected, dtype=torch.bool, device=mask.device)[:, None]
+        if chosen is not None:
+            mask = mask & chosen[:, None]
         if self.vocab_map is None:
             length = teacher.ids.shape[1] if isinstance(teacher, SparseTeacher) else teacher.shape[1]
             if length != rows.shape[1]:
@@ -244,7 +244,7 @@ class Distiller(nn.Module):
             kd = logit_kd(c.loss, rows, teacher, mask, c.temperature, beta=c.beta, alpha=c.alpha,
                           scale_by_t2=c.scale_by_t2, chunk_size=chunk)
             return {"kd": kd}
-        keep = selected if selected is not None else [True] * len(texts)
+        keep = chosen.tolist() if chosen is not None else [True] * len(texts)
         alignments = [align_spans(t, self.teacher_tokenizer, self.student.tokenizer, with_eos=True) if k else []
                       for t, k in zip(texts, keep, strict=True)]
         out = cross_tokenizer_kd(rows, teacher, alignments, self.vocab_map, c.loss, c.temperature, c.uld_weight,
@@ -265,15 +265,17 @@ class Distiller(nn.Module):
             terms["kd_scale"] = torch.tensor(scale)
         if c.kd_weight or c.feature_weight:
             teacher_rows, teacher_windows = self.teacher_side(batch)
+        chosen = (torch.tensor([t in c.tasks for t in batch["tasks"]], dtype=torch.bool, device=out.loss.device)
+                  if c.tasks else None)  # the samples the KD terms cover (None: all)
         if c.kd_weight:
             logits, labels = shift_for_next_token(out.logits, out.labels)
             rows, mask = answer_rows(logits, labels)
-            selected = [t in c.tasks for t in batch["tasks"]] if c.tasks else None
-            kd_terms = self.logit_term(rows, mask, teacher_rows, batch["texts"], selected)
+            kd_terms = self.logit_term(rows, mask, teacher_rows, batch["texts"], chosen)
             terms.update(kd_terms)
             loss = loss + scale * c.kd_weight * kd_terms["kd"]
         if c.feature_weight:
             target, mask = pad_windows(teacher_windows, out.qformer_out.device)
+            mask = mask if chosen is None else mask & chosen[:, None]
             width = min(target.shape[1], out.qformer_out.shape[1])
             feat = self.feature_kd(out.qformer_out[:, :width], target[:, :width], mask[:, :width])
             terms.update(feature=feat["loss"], feature_mse=feat["mse"].detach(), feature_cos=feat["cos"].detach())
@@ -284,7 +286,9 @@ class Distiller(nn.Module):
                 self.teacher.join_encoders(batch)
             student_states, teacher_states = hidden.pop(), teacher_hidden.pop()
             length = min(student_states[0].shape[1], teacher_states[0].shape[1])
-            h = self.hidden_kd([s[:, :length] for s in student_states], [t[:, :length] for t in teacher_states])
+            frames = None if chosen is None else chosen[:, None].expand(-1, length)
+            h = self.hidden_kd([s[:, :length] for s in student_states], [t[:, :length] for t in teacher_states],
+                               frames)
             terms["hidden"] = h["loss"]
             loss = loss + scale * c.hidden_weight * h["loss"]
         terms["loss"] = loss

@@ -139,29 +139,37 @@ def test_step_bench_reports_a_ratio(setup, tmp_path):
     assert result["ce"] > 0 and result["kd"] > 0 and result["ratio_kd_over_ce"] > 0
 
 
-def test_logit_kd_on_some_tasks_leaves_the_others_to_ce(setup, tmp_path, monkeypatch):
+def test_kd_on_some_tasks_leaves_the_others_to_ce(setup, tmp_path, monkeypatch):
     import distill.train as train_module
+    from distill.feature_kd import FeatureKD, HiddenStateKD
 
-    calls = []
+    calls, masks = [], {"feature": [], "hidden": []}
     original = train_module.cross_tokenizer_kd
 
     def recording(rows, teacher, alignments, *args, student_mask=None, **kwargs):
         calls.append(([len(a) for a in alignments], student_mask.any(1).tolist()))
         return original(rows, teacher, alignments, *args, student_mask=student_mask, **kwargs)
 
+    def mask_of(kind, forward):
+        return lambda self, s, t, mask=None: masks[kind].append(mask.any(1).tolist()) or forward(self, s, t, mask)
+
     aligned_texts = []
     original_align = train_module.align_spans
     monkeypatch.setattr(train_module, "cross_tokenizer_kd", recording)
     monkeypatch.setattr(train_module, "align_spans", lambda text, *a, **k: aligned_texts.append(text)
                         or original_align(text, *a, **k))
-    args = recipe_args(setup, tmp_path, "kd.tasks=[audiocaption]", "loop.max_steps=2", "loop.batch_size=8")
+    monkeypatch.setattr(FeatureKD, "forward", mask_of("feature", FeatureKD.forward))
+    monkeypatch.setattr(HiddenStateKD, "forward", mask_of("hidden", HiddenStateKD.forward))
+    args = recipe_args(setup, tmp_path, "kd.tasks=[audiocaption]", "kd.teacher=online", "kd.feature_weight=1.0",
+                       "kd.hidden_weight=1.0", "loop.max_steps=2", "loop.batch_size=8")
     assert distill_main(args) == 0
     assert aligned_texts and set(aligned_texts) == {"a high tone followed by three short beeps"}
-    for lengths, has_targets in calls:  # every batch holds all 8 samples, 2 of them captions
-        assert sum(n > 0 for n in lengths) == 2
-        assert has_targets == [n > 0 for n in lengths]
+    assert len(calls) == len(masks["feature"]) == len(masks["hidden"]) == 2
+    for (lengths, has_targets), feature, hidden in zip(calls, masks["feature"], masks["hidden"], strict=True):
+        captions = [n > 0 for n in lengths]  # every batch holds all 8 samples, 2 of them captions
+        assert sum(captions) == 2 and has_targets == feature == hidden == captions
     records = [r for r in read_metrics(tmp_path / "runs") if "train/kd" in r]
-    assert len(records) == 2 and all(r["train/kd"] > 0 for r in records)
+    assert len(records) == 2 and all(r["train/kd"] > 0 and r["train/feature"] > 0 for r in records)
 
     with pytest.raises(SystemExit, match=r"kd.tasks names \['captions'\]"):
         distill_main(recipe_args(setup, tmp_path / "bad", "kd.tasks=[captions]"))
