@@ -21,7 +21,9 @@ A figure whose inputs are missing is skipped with a line saying which file would
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -32,14 +34,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from common.config import load_config  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
-from experiments.ablation import JobConfig, mean_std  # noqa: E402
+from experiments.ablation import RATIOS, JobConfig, mean_std  # noqa: E402
 
 NOT_LOSSES = ("lr", "grad_norm", "tokens_per_s", "memory_mb", "skipped_steps", "aligned_fraction", "carried_mass")
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps a key placed below the axes
     plt.close(fig)
     return path
 
@@ -92,12 +94,55 @@ def plot_losses(run_dir: Path, out: Path) -> Path | None:
     return _save(fig, out / f"loss_{'_'.join(run_dir.parts[-2:])}.png")
 
 
+# A table's CSV column (`<column>_mean`, `<column>_std`) for each per-seed key of rows.json.
+TABLE_COLUMNS = {"wer": "wer", "cider_d": "cider_d", "spice": "spice", "spider": "spider",
+                 **{f"{k}_ratio": k for k in RATIOS}}
+
+
+def rows_from_table(path: Path) -> list[dict]:
+    """The rows of a table's CSV (written by `python -m experiments ablation`) for a clone that has no rows.json:
+    mean and std of each value, the seed count, and the tags that the config named in the row's command gives it."""
+    rows = []
+    with open(path, newline="") as f:
+        for line in csv.DictReader(f):
+            if "command" not in line or "seeds" not in line:
+                raise SystemExit(f"figures: {path} is not a table written by python -m experiments ablation (it "
+                                 "has no 'seeds' and 'command' columns)")
+            summary = {key: tuple(float(line[f"{col}_{part}"]) if line.get(f"{col}_{part}") else None
+                                  for part in ("mean", "std")) for key, col in TABLE_COLUMNS.items()}
+            command = shlex.split(line["command"])
+            config = Path(command[command.index("--config") + 1]) if "--config" in command else None
+            tags = {}
+            if config is not None and config.is_file():
+                tags = next((r.tags for r in load_config(JobConfig, config).rows if r.name == line["row"]), {})
+            rows.append({"name": line["row"], "tags": tags, "summary": summary, "n_seeds": int(line["seeds"])})
+    return rows
+
+
+def load_rows(path: Path) -> list[dict]:
+    """An ablation's rows from its rows.json (per-seed values) or its table's CSV (mean ± std per row)."""
+    if path.suffix == ".csv":
+        return rows_from_table(path)
+    return list(json.loads(path.read_text()).values())
+
+
+def stat(row: dict, key: str) -> tuple[float | None, float | None]:
+    """(mean, std) of a per-seed value of a row, from its seeds or, for a row read from a table, its summary."""
+    if "summary" in row:
+        return row["summary"].get(key, (None, None))
+    return mean_std([s.get(key) for s in row["seeds"]])
+
+
+def n_seeds(row: dict) -> int:
+    return row["n_seeds"] if "n_seeds" in row else len(row["seeds"])
+
+
 def row_points(rows: list[dict], x: str, y: str) -> list[tuple[str, float, float, float | None]]:
     """(name, x mean, y mean, y std) of every row with both values."""
     points = []
     for row in rows:
-        xm, _ = mean_std([s.get(x) for s in row["seeds"]])
-        ym, ys = mean_std([s.get(y) for s in row["seeds"]])
+        xm, _ = stat(row, x)
+        ym, ys = stat(row, y)
         if xm is not None and ym is not None:
             points.append((row["name"], xm, ym, ys))
     return points
@@ -114,23 +159,50 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
 
 
 def plot_pareto(rows: list[dict], out: Path) -> Path | None:
+    """Each row a numbered point (many rows share a size, so names would overlap); the key below names them."""
     panels = [("wer", "WER (lower is better)", False), ("cider_d", "CIDEr-D (higher is better)", True)]
     if not any(row_points(rows, "params_ratio", key) for key, _, _ in panels):
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    numbered = [(i + 1, row) for i, row in enumerate(rows) if stat(row, "params_ratio")[0] is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^v<>p"
+    handles = []
     for ax, (key, label, higher) in zip(axes, panels, strict=True):
-        points = row_points(rows, "params_ratio", key)
-        for name, x, y, std in points:
-            ax.errorbar(x, y, yerr=std or 0.0, fmt="o", capsize=3)
-            ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        front = pareto_front([(x, y) for _, x, y, _ in points], higher)
+        points = []
+        for number, row in numbered:
+            (x, _), (y, std) = stat(row, "params_ratio"), stat(row, key)
+            if y is None:
+                continue
+            style = {"color": colors[(number - 1) % len(colors)], "marker": markers[(number - 1) // len(colors)
+                                                                                     % len(markers)]}
+            handle = ax.errorbar(x, y, yerr=std or 0.0, linestyle="none", capsize=3, **style)
+            if ax is axes[0]:
+                handles.append((handle, f"{number}  {row['name']}"))
+            points.append((x, y, number))
+        # Rows of one size stack up at one x: their numbers go right of the points in three staggered columns.
+        for x, y, number in points:
+            same = sorted((p[1], p[2]) for p in points if abs(p[0] - x) < 1e-3 * x)
+            column = same.index((y, number)) % 3 if len(same) > 2 else 0
+            ax.annotate(str(number), (x, y), fontsize=7, xytext=(5 + 12 * column, -3), textcoords="offset points")
+        points = [(x, y) for x, y, _ in points]
+        front = pareto_front(points, higher)
         if len(front) > 1:
             ax.plot(*zip(*front, strict=True), "k--", lw=1, label="Pareto front")
             ax.legend(loc="best", fontsize=8)
-        ax.set_xlabel("parameters / teacher's")
+        ax.set_xscale("log")  # the students sit within 0.15–0.3 of the teacher's size
+        low, high = min(x for x, _ in points) / 1.12, max(x for x, _ in points) * 1.12
+        ticks = [t for t in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5, 2.0) if low <= t <= high]
+        ax.set_xlim(low, high)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xticks([], minor=True)
+        ax.set_xlabel("parameters / teacher's (log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle("quality against size, every ablation row (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.legend([h for h, _ in handles], [text for _, text in handles], loc="upper center", ncol=3, fontsize=7.5,
+               frameon=False, bbox_to_anchor=(0.5, 0.0))
     return _save(fig, out / "pareto.png")
 
 
@@ -144,8 +216,8 @@ def plot_token_keep(rows: list[dict], bench: dict | None, out: Path) -> Path | N
         return None
     fig, (ax_q, ax_c) = plt.subplots(1, 2, figsize=(11, 4.2))
     if keep_rows:
-        metric = "spider" if all(s.get("spider") is not None for r in keep_rows for s in r["seeds"]) else "cider_d"
-        pts = sorted((r["tags"]["keep_ratio"], *mean_std([s.get(metric) for s in r["seeds"]])) for r in keep_rows)
+        metric = "spider" if all(stat(r, "spider")[0] is not None for r in keep_rows) else "cider_d"
+        pts = sorted((r["tags"]["keep_ratio"], *stat(r, metric)) for r in keep_rows)
         ax_q.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt="o-",
                       capsize=3)
         ax_q.set_ylabel("SPIDEr" if metric == "spider" else "CIDEr-D (SPICE unavailable, so no SPIDEr)")
@@ -178,9 +250,9 @@ def pruning_points(rows: list[dict], key: str, recovery: int) -> list[tuple[floa
         if int(r["tags"].get("recovery", 0)) != recovery or r["tags"].get("int8"):
             continue
         ratio = float(r["tags"]["prune_ratio"])
-        if ratio not in best or len(r["seeds"]) > len(best[ratio]["seeds"]):
+        if ratio not in best or n_seeds(r) > n_seeds(best[ratio]):
             best[ratio] = r
-    pts = [(ratio, *mean_std([s.get(key) for s in r["seeds"]])) for ratio, r in sorted(best.items())]
+    pts = [(ratio, *stat(r, key)) for ratio, r in sorted(best.items())]
     return [p for p in pts if p[1] is not None]
 
 
@@ -217,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="toy")
     parser.add_argument("--runs", nargs="*", help="run folders with metrics.jsonl (default: runs/<preset>/* "
                         "except the ablation's)")
-    parser.add_argument("--rows", nargs="*", help="ablation rows.json files, their rows drawn together (default: "
-                        "outputs/<preset>/ablation/rows.json, else the table's <table_name>_rows.json)")
+    parser.add_argument("--rows", nargs="*", help="ablation rows.json files or table CSVs, their rows drawn together "
+                        "(default: outputs/<preset>/ablation/rows.json, else the table's <table_name>_rows.json)")
     parser.add_argument("--bench", help="token-pruning bench JSON (default: outputs/<preset>/bench/token_pruning.json)")
     parser.add_argument("--out", default="paper/figures")
     args = parser.parse_args(argv)
@@ -236,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     bench_path = Path(args.bench or Path("outputs", args.preset, "bench", "token_pruning.json"))
     missing = [str(r) for r in rows_paths if not r.is_file()]
     if args.rows and missing:
-        raise SystemExit(f"figures: {', '.join(missing)} does not exist; name rows.json files written by "
+        raise SystemExit(f"figures: {', '.join(missing)} does not exist; name rows.json files or table CSVs written by "
                          "python -m experiments ablation")
-    rows = [row for r in rows_paths if r.is_file() for row in json.loads(r.read_text()).values()]
+    rows = [row for r in rows_paths if r.is_file() for row in load_rows(r)]
     bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
     if not rows:
         print(f"figures: no ablation rows at {rows_paths[0]} (python -m experiments ablation makes them); "

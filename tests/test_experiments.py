@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.ablation import JobConfig, Row, StageRun, mean_std, plan_row, write_tables
+from experiments.ablation import RATIOS, JobConfig, Row, StageRun, mean_std, plan_row, write_tables
 from experiments.figures import loss_terms, pareto_front
 
 
@@ -232,3 +232,41 @@ def test_figures_fall_back_to_the_rows_kept_beside_the_table(tmp_path, monkeypat
     (tmp_path / "out" / "abl").mkdir(parents=True)
     (tmp_path / "out" / "abl" / "rows.json").write_text("{}")
     assert default_rows("p") == Path("out/abl/rows.json")  # rows run here win
+
+
+def test_figures_read_a_tables_csv_as_the_rows_json_it_came_from(tmp_path, monkeypatch):
+    """Mean ± std and seed counts from the CSV equal those computed from the per-seed values; tags come from the
+    config named in each row's command."""
+    from experiments.figures import load_rows, n_seeds, pruning_points, stat
+    from experiments.figures import main as figures_main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "a.yaml").write_text(
+        "job: experiments.ablation\nrows:\n  - name: pruned\n    tags: {prune_ratio: 0.5, recovery: 1}\n"
+        "    stages: [{config: distill}]\n  - name: plain\n    stages: [{config: distill}]\n")
+    cfg = JobConfig(preset="p", table_dir="tables", table_name="t", config_path="configs/a.yaml")
+
+    def seeds(wers):
+        ratios = {f"{k}_ratio": 0.25 + 0.01 * i for i, k in enumerate(RATIOS)}
+        return [{"seed": i, "wer": w, "cider_d": 1.0 + w, "spice": None, "spider": None, **ratios,
+                 "params": 5, "weight_bytes": 20} for i, w in enumerate(wers)]
+
+    rows = [{"name": "pruned", "tags": {"prune_ratio": 0.5, "recovery": 1}, "seeds": seeds([0.2, 0.4, 0.9]),
+             "commands": [], "unavailable": {}},
+            {"name": "plain", "tags": {}, "seeds": seeds([0.3]), "commands": [], "unavailable": {}}]
+    write_tables(cfg, rows)
+    from_csv = load_rows(Path("tables/t.csv"))
+    assert [r["name"] for r in from_csv] == ["pruned", "plain"]
+    assert from_csv[0]["tags"] == {"prune_ratio": 0.5, "recovery": 1} and from_csv[1]["tags"] == {}
+    for csv_row, json_row in zip(from_csv, load_rows(Path("tables/t_rows.json")), strict=True):
+        assert n_seeds(csv_row) == n_seeds(json_row)
+        for key in ("wer", "cider_d", "spice", *(f"{k}_ratio" for k in RATIOS)):
+            for got, want in zip(stat(csv_row, key), stat(json_row, key), strict=True):  # mean, std (None: n/a)
+                assert got == (None if want is None else pytest.approx(want, rel=1e-5)), key
+    assert pruning_points(from_csv, "wer", 1) == [(0.5, pytest.approx(0.5), pytest.approx(math.sqrt(0.13)))]
+    assert figures_main(["--runs", "--rows", "tables/t.csv", "--out", "figs"]) == 0
+    assert (tmp_path / "figs" / "pareto.png").is_file() and (tmp_path / "figs" / "pruning.png").is_file()
+    with pytest.raises(SystemExit, match="is not a table written by"):
+        Path("other.csv").write_text("a,b\n1,2\n")
+        load_rows(Path("other.csv"))
