@@ -1,8 +1,11 @@
 """common.fbank against torchaudio's own Kaldi fbank (tests/fixtures/beats_fbank_reference.npz).
 
-Tolerances, float32 on the CPU: log energies within 2e-4 absolute (98 % of values are bit-identical, the
-largest difference seen is 7e-5, on a mel channel a few FFT bins wide); normalised features within 2e-5
-(the same error divided by 2 × 6.55582); floor channels exactly log(float32 eps).
+Tolerances, float32 on the CPU: log energies within 1e-3 absolute, normalised features within 1e-4 (the same
+error divided by 2 × 6.55582); floor channels exactly log(float32 eps). The float32 FFT rounds differently on
+different CPUs: on one, 98 % of values were bit-identical and the largest difference 7e-5; on an AVX-512 one
+(2026-12-04), 50 % and 5.8e-4, on channels 15–24 nats below their frame's peak energy, where the rounding of the
+frame's power spectrum is a visible fraction of the channel's energy. A real difference in the recipe (window,
+pre-emphasis, mel scale, energy floor) moves values by more than 1e-2.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def test_kaldi_fbank_matches_torchaudio(reference, clip):
     fbank = kaldi_fbank(wav[None] * 2**15)[0]
     assert fbank.shape == expected.shape  # 1 + (samples - 400) // 160 frames: snip_edges
     assert fbank.dtype == torch.float32
-    torch.testing.assert_close(fbank, expected, atol=2e-4, rtol=0)
+    torch.testing.assert_close(fbank, expected, atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("clip", CLIPS)
@@ -57,7 +60,7 @@ def test_mel_filterbank_has_the_empty_filter_torchaudio_tolerates():
 @pytest.mark.parametrize("clip", CLIPS)
 def test_beats_fbank_matches_reference_normalisation(reference, clip):
     features = beats_fbank(reference[f"{clip}_wav"][None])[0]
-    torch.testing.assert_close(features, reference[f"{clip}_normalized"], atol=2e-5, rtol=0)
+    torch.testing.assert_close(features, reference[f"{clip}_normalized"], atol=1e-4, rtol=0)
 
 
 def test_batched_equals_one_clip_at_a_time(reference):
