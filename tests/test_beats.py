@@ -98,7 +98,9 @@ def test_matches_official_features(official, reference):
         features, feature_mask = official.extract_features(reference["wav"], reference["padding_mask"])
     assert features.shape == (2, 144, 48)
     assert torch.equal(feature_mask, reference["feature_mask"])
-    torch.testing.assert_close(features, reference["features"], atol=1e-5, rtol=0)
+    # 5e-5: the fbank's float32 FFT rounds differently from CPU to CPU (test_fbank.py); seen: below 1e-5 on one,
+    # 1.7e-5 on an AVX-512 one
+    torch.testing.assert_close(features, reference["features"], atol=5e-5, rtol=0)
 
 
 def test_forward_fbank_takes_precomputed_features(official, reference):
@@ -107,7 +109,7 @@ def test_forward_fbank_takes_precomputed_features(official, reference):
     with torch.no_grad():
         features, feature_mask = official.forward_fbank(fbank, frame_mask)
     assert torch.equal(feature_mask, reference["feature_mask"])
-    torch.testing.assert_close(features, reference["features"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(features, reference["features"], atol=5e-5, rtol=0)  # as above
 
 
 def test_half_precision_stays_close(official, reference):
