@@ -167,7 +167,7 @@ def plot_pareto(rows: list[dict], out: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "osD^v<>p"
-    handles = []
+    handles: dict[int, tuple] = {}  # row number → (artist, key text), from the first panel that draws the row
     for ax, (key, label, higher) in zip(axes, panels, strict=True):
         points = []
         for number, row in numbered:
@@ -177,8 +177,7 @@ def plot_pareto(rows: list[dict], out: Path) -> Path | None:
             style = {"color": colors[(number - 1) % len(colors)], "marker": markers[(number - 1) // len(colors)
                                                                                      % len(markers)]}
             handle = ax.errorbar(x, y, yerr=std or 0.0, linestyle="none", capsize=3, **style)
-            if ax is axes[0]:
-                handles.append((handle, f"{number}  {row['name']}"))
+            handles.setdefault(number, (handle, f"{number}  {row['name']}"))
             points.append((x, y, number))
         # Rows of one size stack up at one x: their numbers go right of the points in three staggered columns.
         for x, y, number in points:
@@ -191,17 +190,19 @@ def plot_pareto(rows: list[dict], out: Path) -> Path | None:
             ax.plot(*zip(*front, strict=True), "k--", lw=1, label="Pareto front")
             ax.legend(loc="best", fontsize=8)
         ax.set_xscale("log")  # the students sit within 0.15–0.3 of the teacher's size
-        low, high = min(x for x, _ in points) / 1.12, max(x for x, _ in points) * 1.12
-        ticks = [t for t in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5, 2.0) if low <= t <= high]
-        ax.set_xlim(low, high)
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.set_xticks([], minor=True)
+        if points:
+            low, high = min(x for x, _ in points) / 1.12, max(x for x, _ in points) * 1.12
+            ticks = [t for t in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5, 2.0) if low <= t <= high]
+            ax.set_xlim(low, high)
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.set_xticks([], minor=True)
         ax.set_xlabel("parameters / teacher's (log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle("quality against size, every ablation row (mean ± std over seeds)")
     fig.tight_layout()
-    fig.legend([h for h, _ in handles], [text for _, text in handles], loc="upper center", ncol=3, fontsize=7.5,
+    entries = [handles[n] for n in sorted(handles)]
+    fig.legend([h for h, _ in entries], [text for _, text in entries], loc="upper center", ncol=3, fontsize=7.5,
                frameon=False, bbox_to_anchor=(0.5, 0.0))
     return _save(fig, out / "pareto.png")
 
