@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from common.config import load_config  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
-from experiments.ablation import RATIOS, JobConfig, mean_std  # noqa: E402
+from experiments.ablation import QUALITY, RATIOS, JobConfig, mean_std  # noqa: E402
 
 NOT_LOSSES = ("lr", "grad_norm", "tokens_per_s", "memory_mb", "skipped_steps", "aligned_fraction", "carried_mass")
 
@@ -95,8 +95,7 @@ def plot_losses(run_dir: Path, out: Path) -> Path | None:
 
 
 # A table's CSV column (`<column>_mean`, `<column>_std`) for each per-seed key of rows.json.
-TABLE_COLUMNS = {"wer": "wer", "cider_d": "cider_d", "spice": "spice", "spider": "spider",
-                 **{f"{k}_ratio": k for k in RATIOS}}
+TABLE_COLUMNS = {**{k: k for k in QUALITY}, **{f"{k}_ratio": k for k in RATIOS}}
 
 
 def rows_from_table(path: Path) -> list[dict]:
