@@ -30,6 +30,7 @@ import torch
 
 from common.config import (
     load_config,
+    load_job_config,
     mark_stage_done,
     parse_cli,
     save_resolved,
@@ -129,9 +130,23 @@ def validate(cfg: JobConfig) -> None:
         raise SystemExit(f"config error: distill_config {cfg.distill_config!r} is not a file; Taylor "
                          "importance and recovery read data and the teacher cache from the distill recipe's YAML "
                          "(e.g. distill_config=configs/toy/distill.yaml)")
+    check_recovery_warmup(cfg)
     if not (Path(cfg.model) / MODEL_CONFIG).is_file():
         raise SystemExit(f"config error: model {cfg.model!r} is not a student folder (no {MODEL_CONFIG}); "
                          "run the distill stage first or point `model=` at one")
+
+
+def check_recovery_warmup(cfg: JobConfig) -> None:
+    """Stop when the recovery between steps would end inside its warm-up (the lr only climbing, ending at its peak)."""
+    if cfg.schedule.recovery_steps <= 0:
+        return
+    recipe = load_job_config(cfg.distill_config, cfg.distill_overrides)
+    if recipe.optim.warmup_steps >= cfg.schedule.recovery_steps:
+        raise SystemExit(
+            f"config error: schedule.recovery_steps={cfg.schedule.recovery_steps}, but the recovery runs "
+            f"{cfg.distill_config} whose optim.warmup_steps is {recipe.optim.warmup_steps}: the lr would only "
+            "climb and each recovery end at its peak. Add a shorter warm-up to distill_overrides, e.g. "
+            f"optim.warmup_steps={max(1, cfg.schedule.recovery_steps // 10)}")
 
 
 # ----- widths per schedule step ---------------------------------------------------------------------------------

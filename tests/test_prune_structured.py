@@ -16,7 +16,16 @@ from tiny_salmonn import write_official_layout
 from tiny_student import build_tiny_student, training_batch, write_clips, write_student_folder
 from transformers import AutoModelForCausalLM, Gemma2Config
 
-from prune.structured import Ratios, calibrate, describe, kept_channels, merge_lora, target_widths
+from common.config import load_job_config
+from prune.structured import (
+    Ratios,
+    calibrate,
+    check_recovery_warmup,
+    describe,
+    kept_channels,
+    merge_lora,
+    target_widths,
+)
 from prune.structured import main as prune_main
 from prune.width import (
     DepGraphLog,
@@ -254,6 +263,18 @@ def test_taylor_cli_calibrates_on_clips_from_the_distill_recipe(tmp_path):
         prune_main([f"model={folder}", f"output_dir={tmp_path / 'bad'}", "ratios.llm_mlp=1.5"])
     with pytest.raises(SystemExit, match="not a student folder"):
         prune_main([f"model={tmp_path}", f"output_dir={tmp_path / 'bad'}"])
+    with pytest.raises(SystemExit, match=r"recovery_steps=5.*optim.warmup_steps is 5.*optim.warmup_steps=1"):
+        prune_main([f"model={folder}", f"output_dir={tmp_path / 'bad'}", "schedule.recovery_steps=5",
+                    f"distill_config={tmp_path / 'distill.yaml'}", "distill_overrides=[optim.warmup_steps=5]"])
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("configs/*/prune*.yaml")), ids=lambda p: p.parent.name + "/" + p.name)
+def test_every_presets_recovery_ends_past_its_warm_up(path):
+    cfg = load_job_config(path)
+    if cfg.schedule.recovery_steps > 0:
+        assert load_job_config(cfg.distill_config, cfg.distill_overrides).optim.warmup_steps < \
+            cfg.schedule.recovery_steps
+    check_recovery_warmup(cfg)
 
 
 def test_depgraph_never_sees_llm_attention(student):
