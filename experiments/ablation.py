@@ -81,6 +81,8 @@ class Row:
     """A finished model folder (the teacher's row); used instead of stages."""
     loader: str = "student.build:load_student_folder"
     """`module:function` that loads the row's final model for evaluation."""
+    seeds: list[int] = field(default_factory=list)
+    """This row's seeds, when it needs other ones than the table's `seeds` (e.g. more, to settle a close call)."""
     tags: dict[str, float] = field(default_factory=dict)
     """What the figures plot the row against: `keep_ratio` (BEATs tokens kept), `prune_ratio` and `recovery`
     (0/1), `int8` (0/1)."""
@@ -226,9 +228,15 @@ def evaluate_model(cfg: JobConfig, row: Row, model: Path, is_teacher: bool) -> t
     return results, ratios, command
 
 
+def row_seeds(cfg: JobConfig, row: Row) -> list[int]:
+    """The row's own seeds, else the table's; a finished model (no stages) has nothing to reseed: one run."""
+    seeds = row.seeds or cfg.seeds
+    return seeds if row.stages else seeds[:1]
+
+
 def run_row(cfg: JobConfig, row: Row) -> dict:
     """Every seed of one row: run its stages (reusing finished ones), score the model, collect the values."""
-    seeds = cfg.seeds if row.stages else cfg.seeds[:1]  # a finished model has nothing to reseed
+    seeds = row_seeds(cfg, row)
     per_seed, commands = [], []
     for seed in seeds:
         planned, model = plan_row(cfg, row, seed)

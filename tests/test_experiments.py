@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.ablation import RATIOS, JobConfig, Row, StageRun, mean_std, plan_row, write_tables
+from experiments.ablation import RATIOS, JobConfig, Row, StageRun, mean_std, plan_row, row_seeds, write_tables
 from experiments.figures import loss_terms, pareto_front
 
 
@@ -43,6 +43,18 @@ def test_plan_chains_prev_and_seed_and_shares_identical_stages(tmp_path):
     assert plan_row(cfg, row_a, seed=1)[0][0].output_dir != stages_a[0].output_dir
     assert stages_a[0].command[:5] == ["python", "-m", "distill.train", "--config",
                                        str(tmp_path / "configs" / "p" / "distill.yaml")]
+
+
+def test_a_row_may_run_more_seeds_than_the_table(tmp_path):
+    from common.config import load_job_config
+
+    config = tmp_path / "ablation.yaml"
+    config.write_text("job: experiments.ablation\nseeds: [0, 1, 2]\nrows:\n"
+                      "  - {name: teacher, path: t/model, seeds: [5, 6]}\n"
+                      "  - {name: close call, stages: [{config: distill}], seeds: [0, 1, 2, 3, 4]}\n"
+                      "  - {name: plain, stages: [{config: distill}]}\n")
+    cfg = load_job_config(config)
+    assert [row_seeds(cfg, row) for row in cfg.rows] == [[5], [0, 1, 2, 3, 4], [0, 1, 2]]
 
 
 def test_plan_rejects_bad_rows(tmp_path):
