@@ -1,6 +1,7 @@
 """The ablation table: every row a chain of pipeline stages, every cell a mean ± std over seeds.
 
     python -m experiments ablation --config configs/toy/ablation.yaml [only='["+ forward KL"]']
+    python -m experiments ablation --config configs/toy/ablation.yaml status=true   # what is done, what is left
     bash scripts/ablation.sh                       # the same, for the toy preset
 
 A row lists the stages that make its model, each a config of the preset (`distill` is
@@ -109,6 +110,9 @@ class JobConfig:
     """Overrides for `configs/<preset>/evaluate.yaml` in every row's evaluation (e.g. `max_clips_per_task=100`)."""
     only: list[str] = field(default_factory=list)
     """Run and tabulate only these rows (by name); empty = all."""
+    status: bool = False
+    """Print what is finished, started and still to run for every row and seed, then stop without running
+    anything (for a table that takes hours: what is left, after an interruption or on another machine)."""
     output_dir: str = "outputs/toy/ablation"
     runs_dir: str = "runs/toy/ablation"
     """TensorBoard logs of every training stage: `<runs_dir>/<stage folder name>/`."""
@@ -206,8 +210,8 @@ def run_logged(command: list[str], log: Path, what: str) -> None:
                          f"{tail}")
 
 
-def evaluate_model(cfg: JobConfig, row: Row, model: Path, is_teacher: bool) -> tuple[dict, dict, list[str]]:
-    """Score one model (quality, and efficiency against the teacher in the same process): (results, ratios, cmd)."""
+def plan_eval(cfg: JobConfig, row: Row, model: Path, is_teacher: bool) -> tuple[Path, list[str]]:
+    """The folder and command of one model's evaluation (its key needs the model's files: plan it once they exist)."""
     eval_config = Path(cfg.configs_root) / cfg.preset / "evaluate.yaml"
     if is_teacher:
         models = [{"name": "model", "loader": row.loader, "path": str(model)}]
@@ -219,8 +223,14 @@ def evaluate_model(cfg: JobConfig, row: Row, model: Path, is_teacher: bool) -> t
     out = Path(cfg.output_dir) / "eval" / key
     command = ["python", "-m", "evaluation.run", "--config", str(eval_config), f"models={json.dumps(models)}",
                *cfg.evaluate, f"output_dir={out}"]
+    return out, command
+
+
+def evaluate_model(cfg: JobConfig, row: Row, model: Path, is_teacher: bool) -> tuple[dict, dict, list[str]]:
+    """Score one model (quality, and efficiency against the teacher in the same process): (results, ratios, cmd)."""
+    out, command = plan_eval(cfg, row, model, is_teacher)
     done = out / "DONE"
-    if not (done.is_file() and done.read_text() == shlex.join(command)):
+    if not _finished(done, command):
         run_logged(command, out.with_suffix(".log"), f"evaluation of '{row.name}' ({model})")
         done.write_text(shlex.join(command))
     results = json.loads((out / "model" / "results.json").read_text())
@@ -234,6 +244,55 @@ def row_seeds(cfg: JobConfig, row: Row) -> list[int]:
     return seeds if row.stages else seeds[:1]
 
 
+def is_teacher_row(cfg: JobConfig, row: Row) -> bool:
+    return not row.stages and Path(row.path).resolve() == Path(cfg.teacher.path).resolve()
+
+
+def _finished(marker: Path, command: list[str]) -> bool:
+    return marker.is_file() and marker.read_text() == shlex.join(command)
+
+
+def report_status(cfg: JobConfig, rows: list[Row]) -> dict[str, int]:
+    """Print, per row and seed, which stages and evaluations are finished, started (a folder without the finished
+    marker: its training resumes from the last checkpoint) or still to run; runs nothing. Returns the counts."""
+    counts = dict.fromkeys(("stages", "stages_done", "stages_started", "evals", "evals_done"), 0)
+    seen: set[Path] = set()  # a stage shared by rows or seeds is one run: count it once
+    rows_json = Path(cfg.output_dir) / "rows.json"
+    tabulated = json.loads(rows_json.read_text()) if rows_json.is_file() else {}
+    for row in rows:
+        seeds = row_seeds(cfg, row)
+        print(f"=== {row.name}" + ("  (in rows.json with seeds "
+                                    f"{[s['seed'] for s in tabulated[row.name]['seeds']]})" if row.name in tabulated
+                                    else ""))
+        for seed in seeds:
+            planned, model = plan_row(cfg, row, seed)
+            states = []
+            for stage in planned:
+                if _finished(stage.output_dir / "ABLATION_DONE", stage.command):
+                    state = "done"
+                elif stage.output_dir.exists():
+                    state = "started"
+                else:
+                    state = "to run"
+                states.append(f"{stage.output_dir.name} {state}")
+                if stage.output_dir not in seen:
+                    seen.add(stage.output_dir)
+                    counts["stages"] += 1
+                    counts["stages_done"] += state == "done"
+                    counts["stages_started"] += state == "started"
+            counts["evals"] += 1
+            evaluated = False
+            if Path(model).exists():
+                out, command = plan_eval(cfg, row, Path(model), is_teacher_row(cfg, row))
+                evaluated = _finished(out / "DONE", command)
+            counts["evals_done"] += evaluated
+            states.append("evaluation " + ("done" if evaluated else "to run"))
+            print(f"  seed {seed}: " + " · ".join(states))
+    print(f"stages: {counts['stages_done']} of {counts['stages']} done, {counts['stages_started']} started; "
+          f"evaluations: {counts['evals_done']} of {counts['evals']} done")
+    return counts
+
+
 def run_row(cfg: JobConfig, row: Row) -> dict:
     """Every seed of one row: run its stages (reusing finished ones), score the model, collect the values."""
     seeds = row_seeds(cfg, row)
@@ -242,14 +301,13 @@ def run_row(cfg: JobConfig, row: Row) -> dict:
         planned, model = plan_row(cfg, row, seed)
         for stage in planned:
             marker = stage.output_dir / "ABLATION_DONE"
-            if marker.is_file() and marker.read_text() == shlex.join(stage.command):
+            if _finished(marker, stage.command):
                 print(f"  [{row.name} | seed {seed}] reuse {stage.output_dir}")
             else:
                 print(f"  [{row.name} | seed {seed}] {shlex.join(stage.command)}", flush=True)
                 run_logged(stage.command, stage.output_dir.with_suffix(".log"), f"row '{row.name}' seed {seed}")
                 marker.write_text(shlex.join(stage.command))
-        is_teacher = not row.stages and Path(row.path).resolve() == Path(cfg.teacher.path).resolve()
-        results, ratios, eval_command = evaluate_model(cfg, row, model, is_teacher=is_teacher)
+        results, ratios, eval_command = evaluate_model(cfg, row, model, is_teacher=is_teacher_row(cfg, row))
         values = {k: results.get(k) for k in QUALITY}
         values.update({f"{k}_ratio": ratios.get(k) for k in RATIOS})
         values.update({k: results.get(k) for k in RATIOS})
@@ -366,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                 load_job_config(stage.config, stage.overrides)
             except ConfigError as err:
                 raise SystemExit(f"ablation config: row '{row.name}', stage {stage.config.stem}: {err}") from None
+    if cfg.status:
+        report_status(cfg, rows)
+        return 0
     done_path = Path(cfg.output_dir) / "rows.json"
     for row in rows:
         print(f"=== row: {row.name}", flush=True)

@@ -282,3 +282,46 @@ def test_figures_read_a_tables_csv_as_the_rows_json_it_came_from(tmp_path, monke
     with pytest.raises(SystemExit, match="is not a table written by"):
         Path("other.csv").write_text("a,b\n1,2\n")
         load_rows(Path("other.csv"))
+
+
+def test_status_tells_done_started_and_left_without_running_anything(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    import experiments.ablation as ablation
+
+    cfg = write_preset(tmp_path)
+    (tmp_path / "configs" / "p" / "evaluate.yaml").write_text("job: evaluation.run\n")
+    config = tmp_path / "ablation.yaml"
+    config.write_text(
+        "job: experiments.ablation\n"
+        f"preset: p\nconfigs_root: {cfg.configs_root}\noutput_dir: {cfg.output_dir}\nseeds: [0, 1]\n"
+        "rows:\n"
+        "  - name: kd\n    stages: [{config: distill}]\n"
+        "  - name: kd pruned\n    stages: [{config: distill}, {config: prune, overrides: ['model={prev}']}]\n")
+    from common.config import load_job_config
+
+    loaded = load_job_config(config)
+    kd, pruned = loaded.rows
+    (seed0, ), model0 = plan_row(loaded, kd, 0)
+    seed0.output_dir.mkdir(parents=True)
+    (seed0.output_dir / "ABLATION_DONE").write_text(shlex.join(seed0.command))  # seed 0 finished
+    model0.mkdir()
+    eval_dir, eval_command = ablation.plan_eval(loaded, kd, model0, is_teacher=False)
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "DONE").write_text(shlex.join(eval_command))  # and scored
+    (seed1, ), _ = plan_row(loaded, kd, 1)
+    (seed1.output_dir / "checkpoints").mkdir(parents=True)  # seed 1 interrupted mid-training
+
+    def must_not_run(*args):
+        raise AssertionError("status=true ran a row")
+
+    monkeypatch.setattr(ablation, "run_row", must_not_run)
+    assert ablation.main(["--config", str(config), "status=true"]) == 0
+    out = capsys.readouterr().out
+    assert f"seed 0: {seed0.output_dir.name} done · evaluation done" in out
+    assert f"seed 1: {seed1.output_dir.name} started · evaluation to run" in out
+    prune_name = plan_row(loaded, pruned, 0)[0][1].output_dir.name
+    assert f"seed 0: {seed0.output_dir.name} done · {prune_name} to run · evaluation to run" in out
+    # 2 distill runs shared by both rows + 2 prunes; 4 row-seed evaluations
+    assert "stages: 1 of 4 done, 1 started; evaluations: 1 of 4 done" in out
+    assert not (tmp_path / "out" / "rows.json").exists()
