@@ -1,15 +1,18 @@
-"""`python -m experiments ablation --config ...` runs the ablation table; `python -m experiments figures` draws."""
+"""`python -m experiments ablation --config ...` runs the ablation table; `python -m experiments figures` draws;
+`python -m experiments compare ROWS.json A B` compares two rows seed by seed."""
 
 import sys
 
 
 def main(argv: list[str]) -> int:
-    commands = ("ablation", "figures")
+    commands = ("ablation", "figures", "compare")
     if not argv or argv[0] not in commands:
         print(f"usage: python -m experiments {{{'|'.join(commands)}}} [--config YAML] [key=value ...]", file=sys.stderr)
         return 2
     if argv[0] == "ablation":
         from experiments.ablation import main as run
+    elif argv[0] == "compare":
+        from experiments.compare import main as run
     else:
         from experiments.figures import main as run
     return run(argv[1:]) or 0

@@ -325,3 +325,36 @@ def test_status_tells_done_started_and_left_without_running_anything(tmp_path, m
     # 2 distill runs shared by both rows + 2 prunes; 4 row-seed evaluations
     assert "stages: 1 of 4 done, 1 started; evaluations: 1 of 4 done" in out
     assert not (tmp_path / "out" / "rows.json").exists()
+
+
+def test_compare_pairs_rows_by_seed(tmp_path, capsys):
+    from experiments.compare import main as compare
+
+    def seeds(values):
+        return [{"seed": s, "wer": w, "cider_d": c, "spice": None} for s, (w, c) in values.items()]
+
+    rows = {"student, CE only": {"name": "student, CE only", "seeds": seeds({0: (0.9, 1.0), 1: (1.0, 1.2),
+                                                                             2: (0.8, 1.1), 7: (0.5, 2.0)})},
+            "the recipe": {"name": "the recipe", "seeds": seeds({0: (0.8, 1.1), 1: (0.8, 1.1), 2: (0.9, 1.3)})},
+            "the recipe, no annealing": {"name": "the recipe, no annealing", "seeds": seeds({0: (1.0, 0.7)})}}
+    path = tmp_path / "t_rows.json"
+    path.write_text(json.dumps(rows))
+    assert compare([str(path), "student", "the recipe", "--json"]) == 0
+    result = {r["metric"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    wer = result["wer"]
+    assert wer["seeds"] == [0, 1, 2]  # seed 7 only in the first row: not paired
+    assert wer["diffs"] == pytest.approx([-0.1, -0.2, 0.1])
+    assert wer["better"] == 2  # lower WER is better
+    d = [-0.1, -0.2, 0.1]
+    assert wer["t"] == pytest.approx(statistics.mean(d) / (statistics.stdev(d) / math.sqrt(3)))
+    assert result["cider_d"]["better"] == 2 and "spice" not in result  # higher CIDEr-D is better; no SPICE values
+    assert compare([str(path), "student", "the recipe, no"]) == 0
+    out = capsys.readouterr().out
+    assert "WER: +0.100 (per seed +0.100); lower on 0 of 1 seeds" in out
+    assert "not compared (no seed with a value in both rows): SPICE, SPIDEr" in out
+    with pytest.raises(SystemExit, match="2 rows start with 'the rec'"):
+        compare([str(path), "student", "the rec"])
+    table_csv = tmp_path / "t.csv"
+    table_csv.write_text("row,wer_mean\nteacher,0.7\n")
+    with pytest.raises(SystemExit, match="t.csv is not JSON"):
+        compare([str(table_csv), "a", "b"])
