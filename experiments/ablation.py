@@ -9,8 +9,8 @@ A row lists the stages that make its model, each a config of the preset (`distil
 (a model folder, a cache, a data file). Each stage runs as its own process, exactly as `scripts/distill.sh` runs
 it, in a folder named by a hash of everything that determines its result (job, base config text, overrides,
 inputs, seed, and the teacher folder's files, so a retrained teacher reruns everything): rows that share a stage
-share its run, and a row finished earlier is reused, not rerun. The
-model is then scored by `evaluation.run`, with the teacher measured in the same process as the reference of the
+share its run, and a row finished earlier is reused, not rerun; with `reuse_from`, a stage another table finished
+is adopted (copied), not rerun. The model is then scored by `evaluation.run`, with the teacher measured in the same process as the reference of the
 efficiency ratios.
 
 Outputs: `<table_dir>/<table_name>.{md,csv,tex}` (each row with the command that reproduces it),
@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -110,6 +111,12 @@ class JobConfig:
     """Overrides for `configs/<preset>/evaluate.yaml` in every row's evaluation (e.g. `max_clips_per_task=100`)."""
     only: list[str] = field(default_factory=list)
     """Run and tabulate only these rows (by name); empty = all."""
+    reuse_from: list[str] = field(default_factory=list)
+    """`output_dir`s of other tables of the preset whose finished stages this one adopts instead of training them
+    again: a stage folder there with this stage's name (the same job, config text, overrides, seed, teacher and
+    inputs) and a finished marker is copied in, weights byte for byte, its bookkeeping pointed at this folder and an
+    `ADOPTED_FROM` file written. Safe because a stage's result is a function of its name: training is deterministic
+    on one machine (a rerun gives the same weights, bit for bit)."""
     status: bool = False
     """Print what is finished, started and still to run for every row and seed, then stop without running
     anything (for a table that takes hours: what is left, after an interruption or on another machine)."""
@@ -272,13 +279,15 @@ def report_status(cfg: JobConfig, rows: list[Row]) -> dict[str, int]:
                     state = "done"
                 elif stage.output_dir.exists():
                     state = "started"
+                elif (source := adoptable(cfg, stage)) is not None:
+                    state = f"done in {source.parent.parent} (adopted when run)"
                 else:
                     state = "to run"
                 states.append(f"{stage.output_dir.name} {state}")
                 if stage.output_dir not in seen:
                     seen.add(stage.output_dir)
                     counts["stages"] += 1
-                    counts["stages_done"] += state == "done"
+                    counts["stages_done"] += state.startswith("done")
                     counts["stages_started"] += state == "started"
             counts["evals"] += 1
             evaluated = False
@@ -293,6 +302,55 @@ def report_status(cfg: JobConfig, rows: list[Row]) -> dict[str, int]:
     return counts
 
 
+def _split_paths(command: list[str]) -> tuple[list[str], list[str]]:
+    """A stage command without its `output_dir=` and `log_dir=` overrides (which name the folder, not the result),
+    and those two."""
+    where = ("output_dir=", "log_dir=")
+    return ([a for a in command if not a.startswith(where)], [a for a in command if a.startswith(where)])
+
+
+def adoptable(cfg: JobConfig, stage: PlannedStage) -> Path | None:
+    """The first finished folder of this very stage in one of `cfg.reuse_from`, if any."""
+    for other in cfg.reuse_from:
+        source = Path(other) / "stages" / stage.output_dir.name
+        marker = source / "ABLATION_DONE"
+        if source.resolve() != stage.output_dir.resolve() and marker.is_file() and \
+                _split_paths(shlex.split(marker.read_text()))[0] == _split_paths(stage.command)[0]:
+            return source
+    return None
+
+
+def adopt(stage: PlannedStage, source: Path) -> None:
+    """Copy a finished stage folder of another table into `stage.output_dir`, with its log and TensorBoard folder,
+    and point its bookkeeping here: every `config.yaml` the job wrote is written again for this folder's resolved
+    config, and every `DONE` marker gets that config's hash (the input stamps after it stay: same inputs)."""
+    from common.config import config_hash, save_resolved
+
+    source_command = shlex.split((source / "ABLATION_DONE").read_text())
+    source_paths = _split_paths(source_command)[1]
+    source_cfg = load_job_config(stage.config, source_command[5:])
+    mine = load_job_config(stage.config, stage.overrides)
+    old_hash, new_hash = config_hash(source_cfg), config_hash(mine)
+    tmp = stage.output_dir.with_name(stage.output_dir.name + f".adopting-{os.getpid()}")
+    shutil.copytree(source, tmp)
+    for path in tmp.rglob("config.yaml"):
+        if path.read_text().startswith(f"# resolved config, hash {old_hash}\n"):
+            save_resolved(mine, path.parent)
+    for path in tmp.rglob("DONE"):
+        parts = path.read_text().split()
+        if parts and parts[0] == old_hash:
+            path.write_text(" ".join([new_hash, *parts[1:]]) + "\n")
+    if source.with_suffix(".log").is_file():
+        shutil.copy2(source.with_suffix(".log"), stage.output_dir.with_suffix(".log"))
+    source_logs = next((a.partition("=")[2] for a in source_paths if a.startswith("log_dir=")), "")
+    my_logs = next((a.partition("=")[2] for a in stage.command if a.startswith("log_dir=")), "")
+    if source_logs and my_logs and Path(source_logs).is_dir() and not Path(my_logs).exists():
+        shutil.copytree(source_logs, my_logs)
+    (tmp / "ADOPTED_FROM").write_text(f"{source}\n")
+    (tmp / "ABLATION_DONE").write_text(shlex.join(stage.command))
+    tmp.rename(stage.output_dir)
+
+
 def run_row(cfg: JobConfig, row: Row) -> dict:
     """Every seed of one row: run its stages (reusing finished ones), score the model, collect the values."""
     seeds = row_seeds(cfg, row)
@@ -303,6 +361,9 @@ def run_row(cfg: JobConfig, row: Row) -> dict:
             marker = stage.output_dir / "ABLATION_DONE"
             if _finished(marker, stage.command):
                 print(f"  [{row.name} | seed {seed}] reuse {stage.output_dir}")
+            elif not stage.output_dir.exists() and (source := adoptable(cfg, stage)) is not None:
+                print(f"  [{row.name} | seed {seed}] adopt {source} → {stage.output_dir}", flush=True)
+                adopt(stage, source)
             else:
                 print(f"  [{row.name} | seed {seed}] {shlex.join(stage.command)}", flush=True)
                 run_logged(stage.command, stage.output_dir.with_suffix(".log"), f"row '{row.name}' seed {seed}")

@@ -358,3 +358,54 @@ def test_compare_pairs_rows_by_seed(tmp_path, capsys):
     table_csv.write_text("row,wer_mean\nteacher,0.7\n")
     with pytest.raises(SystemExit, match="t.csv is not JSON"):
         compare([str(table_csv), "a", "b"])
+
+
+def test_a_stage_finished_for_another_table_is_adopted_not_rerun(tmp_path, monkeypatch):
+    import dataclasses
+    import shlex
+
+    import experiments.ablation as ablation
+    from common.config import load_job_config, mark_stage_done, save_resolved, stage_is_current
+
+    monkeypatch.chdir(tmp_path)
+    cfg = write_preset(tmp_path)
+    other = dataclasses.replace(cfg, output_dir=str(tmp_path / "other"), runs_dir="runs/other")  # another table
+    row = Row(name="kd", stages=[StageRun(config="distill")], seeds=[0])
+    (source, ), _ = plan_row(other, row, 0)
+    source_cfg = load_job_config(source.config, source.overrides)  # a finished run, bookkept as distill.train does
+    (source.output_dir / "model").mkdir(parents=True)
+    (source.output_dir / "model" / "weights.bin").write_bytes(b"trained")
+    (tmp_path / "cache.bin").write_bytes(b"c")
+    mark_stage_done(source_cfg, source.output_dir / "model", inputs=[tmp_path / "cache.bin"])
+    save_resolved(source_cfg, source.output_dir)
+    (source.output_dir / "ABLATION_DONE").write_text(shlex.join(source.command))
+    (tmp_path / "runs" / "other" / source.output_dir.name).mkdir(parents=True)
+    (tmp_path / "runs" / "other" / source.output_dir.name / "metrics.jsonl").write_text("{}\n")
+
+    ran = []
+
+    def run_logged(command, log, what):  # a stage trained here: its folder appears
+        ran.append(command)
+        log.with_suffix("").mkdir(parents=True)
+
+    monkeypatch.setattr(ablation, "run_logged", run_logged)
+    monkeypatch.setattr(ablation, "evaluate_model", lambda cfg, row, model, is_teacher: ({}, {}, ["eval"]))
+    cfg.reuse_from = [other.output_dir]
+    ablation.run_row(cfg, row)
+    assert ran == []  # adopted, not trained again
+    (mine, ), model = plan_row(cfg, row, 0)
+    assert mine.output_dir.name == source.output_dir.name and mine.output_dir != source.output_dir
+    assert (model / "weights.bin").read_bytes() == b"trained"
+    assert (mine.output_dir / "ADOPTED_FROM").read_text().strip() == str(source.output_dir)
+    assert (mine.output_dir / "ABLATION_DONE").read_text() == shlex.join(mine.command)
+    my_cfg = load_job_config(mine.config, mine.overrides)
+    assert stage_is_current(my_cfg, model, inputs=[tmp_path / "cache.bin"])  # its DONE speaks of this folder now
+    assert f"output_dir: {mine.output_dir}" in (mine.output_dir / "config.yaml").read_text()
+    assert (tmp_path / "runs" / "x" / mine.output_dir.name / "metrics.jsonl").is_file()  # its curves came along
+
+    # Another seed has no finished twin there, and a twin whose command differs beyond its folders is not one.
+    (seed1, ), _ = plan_row(other, row, 1)
+    seed1.output_dir.mkdir(parents=True)
+    (seed1.output_dir / "ABLATION_DONE").write_text(shlex.join([*seed1.command, "kd.loss=reverse_kl"]))
+    ablation.run_row(cfg, Row(name="kd", stages=[StageRun(config="distill")], seeds=[1]))
+    assert len(ran) == 1 and "loop.seed=1" in ran[0]
