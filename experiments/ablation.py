@@ -10,8 +10,8 @@ A row lists the stages that make its model, each a config of the preset (`distil
 it, in a folder named by a hash of everything that determines its result (job, base config text, overrides,
 inputs, seed, and the teacher folder's files, so a retrained teacher reruns everything): rows that share a stage
 share its run, and a row finished earlier is reused, not rerun; with `reuse_from`, a stage another table finished
-is adopted (copied), not rerun. The model is then scored by `evaluation.run`, with the teacher measured in the same process as the reference of the
-efficiency ratios.
+is adopted (copied), not rerun. The model is then scored by `evaluation.run`, with the teacher measured in the same
+process as the reference of the efficiency ratios. `jobs=2` runs two row seeds at a time.
 
 Outputs: `<table_dir>/<table_name>.{md,csv,tex}` (each row with the command that reproduces it),
 `<table_dir>/<table_name>_commands.md` (every stage command of every row and seed),
@@ -30,6 +30,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +119,10 @@ class JobConfig:
     inputs) and a finished marker is copied in, weights byte for byte, its bookkeeping pointed at this folder and an
     `ADOPTED_FROM` file written. Safe because a stage's result is a function of its name: training is deterministic
     on one machine (a rerun gives the same weights, bit for bit)."""
+    jobs: int = 1
+    """Row seeds run at once, each stage its own process (`jobs=2` on 2 cores: two one-thread trainings; the stage
+    processes get OMP_NUM_THREADS = cores / jobs unless it is set). Seeds that share a stage wait for one run of
+    it. The efficiency ratios are then measured beside another job: noisier."""
     status: bool = False
     """Print what is finished, started and still to run for every row and seed, then stop without running
     anything (for a table that takes hours: what is left, after an interruption or on another machine)."""
@@ -351,16 +357,25 @@ def adopt(stage: PlannedStage, source: Path) -> None:
     tmp.rename(stage.output_dir)
 
 
-def run_row(cfg: JobConfig, row: Row) -> dict:
-    """Every seed of one row: run its stages (reusing finished ones), score the model, collect the values."""
-    seeds = row_seeds(cfg, row)
-    per_seed, commands = [], []
-    for seed in seeds:
-        planned, model = plan_row(cfg, row, seed)
-        for stage in planned:
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock(path: Path) -> threading.Lock:
+    """One lock per stage folder or model: with `jobs` > 1, two row seeds that share a stage (the pruning rows start
+    from the recipe's students) wait for each other, and the second reuses what the first made."""
+    with _locks_guard:
+        return _locks.setdefault(str(Path(path).resolve()), threading.Lock())
+
+
+def run_seed(cfg: JobConfig, row: Row, seed: int) -> dict:
+    """One seed of one row: run its stages (reusing or adopting finished ones), score the model."""
+    planned, model = plan_row(cfg, row, seed)
+    for stage in planned:
+        with _lock(stage.output_dir):
             marker = stage.output_dir / "ABLATION_DONE"
             if _finished(marker, stage.command):
-                print(f"  [{row.name} | seed {seed}] reuse {stage.output_dir}")
+                print(f"  [{row.name} | seed {seed}] reuse {stage.output_dir}", flush=True)
             elif not stage.output_dir.exists() and (source := adoptable(cfg, stage)) is not None:
                 print(f"  [{row.name} | seed {seed}] adopt {source} → {stage.output_dir}", flush=True)
                 adopt(stage, source)
@@ -368,16 +383,53 @@ def run_row(cfg: JobConfig, row: Row) -> dict:
                 print(f"  [{row.name} | seed {seed}] {shlex.join(stage.command)}", flush=True)
                 run_logged(stage.command, stage.output_dir.with_suffix(".log"), f"row '{row.name}' seed {seed}")
                 marker.write_text(shlex.join(stage.command))
+    with _lock(model):
         results, ratios, eval_command = evaluate_model(cfg, row, model, is_teacher=is_teacher_row(cfg, row))
-        values = {k: results.get(k) for k in QUALITY}
-        values.update({f"{k}_ratio": ratios.get(k) for k in RATIOS})
-        values.update({k: results.get(k) for k in RATIOS})
-        per_seed.append({"seed": seed, "model": str(model), **values})
-        commands.append({"seed": seed, "stages": [shlex.join(s.command) for s in planned],
-                         "evaluate": shlex.join(eval_command)})
-        unavailable = results.get("unavailable", {})
-    return {"name": row.name, "tags": row.tags, "seeds": per_seed, "commands": commands,
+    values = {k: results.get(k) for k in QUALITY}
+    values.update({f"{k}_ratio": ratios.get(k) for k in RATIOS})
+    values.update({k: results.get(k) for k in RATIOS})
+    return {"values": {"seed": seed, "model": str(model), **values},
+            "commands": {"seed": seed, "stages": [shlex.join(s.command) for s in planned],
+                         "evaluate": shlex.join(eval_command)},
+            "unavailable": results.get("unavailable", {})}
+
+
+def assemble_row(row: Row, seeds: list[dict]) -> dict:
+    """The row's entry of rows.json from its seeds' results (in seed order)."""
+    unavailable = seeds[-1]["unavailable"] if seeds else {}
+    return {"name": row.name, "tags": row.tags, "seeds": [s["values"] for s in seeds],
+            "commands": [s["commands"] for s in seeds],
             "unavailable": {k: unavailable[k] for k in QUALITY if k in unavailable}}
+
+
+def run_row(cfg: JobConfig, row: Row) -> dict:
+    """Every seed of one row, one after the other."""
+    return assemble_row(row, [run_seed(cfg, row, seed) for seed in row_seeds(cfg, row)])
+
+
+def run_parallel(cfg: JobConfig, rows: list[Row], record) -> None:
+    """Every seed of every row, `cfg.jobs` at a time (threads, each stage its own process); `record(row_result)` as
+    each row's last seed ends. A failure lets the running seeds finish, starts no more, and is raised at the end."""
+    if "OMP_NUM_THREADS" not in os.environ:  # the stage processes inherit it: share the cores, don't oversubscribe
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
+    done: dict[str, dict[int, dict]] = {row.name: {} for row in rows}
+    failure: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
+        futures = {pool.submit(run_seed, cfg, row, seed): (row, seed) for row in rows for seed in row_seeds(cfg, row)}
+        for future in as_completed(futures):
+            row, seed = futures[future]
+            try:
+                done[row.name][seed] = future.result()
+            except BaseException as err:  # a stage's SystemExit too: raised once the running seeds end
+                failure = failure or err
+                for other in futures:
+                    other.cancel()
+                continue
+            seeds = row_seeds(cfg, row)
+            if len(done[row.name]) == len(seeds):
+                record(assemble_row(row, [done[row.name][s] for s in seeds]))
+    if failure is not None:
+        raise failure
 
 
 def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -488,17 +540,25 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.status:
         report_status(cfg, rows)
         return 0
+    if cfg.jobs < 1:
+        raise SystemExit(f"ablation config: jobs={cfg.jobs}; give 1 (one seed at a time) or more")
     done_path = Path(cfg.output_dir) / "rows.json"
-    for row in rows:
-        print(f"=== row: {row.name}", flush=True)
-        result = run_row(cfg, row)
+
+    def record(result: dict) -> None:
         # Read just before writing: another ablation process (other rows, `only=`) may have finished rows meanwhile.
         previous = json.loads(done_path.read_text()) if done_path.is_file() else {}
-        previous[row.name] = result
+        previous[result["name"]] = result
         done_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = done_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(previous, indent=1) + "\n")
         tmp.replace(done_path)  # whole or not at all, for the other process reading it
+        print(f"=== row done: {result['name']}", flush=True)
+
+    if cfg.jobs > 1:
+        run_parallel(cfg, rows, record)
+    for row in rows if cfg.jobs == 1 else []:
+        print(f"=== row: {row.name}", flush=True)
+        record(run_row(cfg, row))
     previous = json.loads(done_path.read_text()) if done_path.is_file() else {}
     table_rows = [previous[n] for n in names if n in previous]  # the whole table, in config order
     for path in write_tables(cfg, table_rows):

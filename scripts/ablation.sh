@@ -4,6 +4,7 @@
 #   bash scripts/ablation.sh                          # toy preset: configs/toy/ablation.yaml
 #   bash scripts/ablation.sh --preset smoke           # the machinery at smoke size (the tests run it)
 #   bash scripts/ablation.sh 'only=["+ forward KL"]'  # key=value overrides for the ablation config
+#   bash scripts/ablation.sh jobs=2                   # two row seeds at a time (2 cores: one thread each)
 #
 # Needs the preset's teacher, teacher cache and data (bash scripts/distill.sh --preset <preset> makes them).
 # Rows finished earlier are reused; writes paper/tables/ablation.{md,csv,tex} (toy) and paper/figures/*.png.
@@ -15,7 +16,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET="$2"; shift 2 ;;
     --preset=*) PRESET="${1#--preset=}"; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done

@@ -409,3 +409,74 @@ def test_a_stage_finished_for_another_table_is_adopted_not_rerun(tmp_path, monke
     (seed1.output_dir / "ABLATION_DONE").write_text(shlex.join([*seed1.command, "kd.loss=reverse_kl"]))
     ablation.run_row(cfg, Row(name="kd", stages=[StageRun(config="distill")], seeds=[1]))
     assert len(ran) == 1 and "loop.seed=1" in ran[0]
+
+
+def test_two_jobs_run_seeds_side_by_side_and_a_shared_stage_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import experiments.ablation as ablation
+
+    cfg = write_preset(tmp_path)
+    config = tmp_path / "ablation.yaml"
+    config.write_text(
+        "job: experiments.ablation\n"
+        f"preset: p\nconfigs_root: {cfg.configs_root}\noutput_dir: {cfg.output_dir}\ntable_dir: {tmp_path}\n"
+        "seeds: [0, 1]\njobs: 2\n"
+        "rows:\n"
+        "  - name: kd\n    stages: [{config: distill}]\n"
+        "  - name: kd pruned\n    stages: [{config: distill}, {config: prune, overrides: ['model={prev}']}]\n")
+    ran, running, most = [], [0], [0]
+    guard = threading.Lock()
+
+    def run_logged(command, log, what):
+        with guard:
+            ran.append(command)
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.3)
+        log.with_suffix("").mkdir(parents=True)
+        with guard:
+            running[0] -= 1
+
+    monkeypatch.setattr(ablation, "run_logged", run_logged)
+    monkeypatch.setattr(ablation, "evaluate_model", lambda cfg, row, model, is_teacher: ({"wer": 0.5}, {}, ["eval"]))
+    environ = {k: v for k, v in ablation.os.environ.items() if k != "OMP_NUM_THREADS"}
+    monkeypatch.setattr(ablation.os, "environ", environ)  # what the stage processes would inherit
+    assert ablation.main(["--config", str(config)]) == 0
+    jobs = [" ".join(c[2:3] + [a for a in c if a.startswith(("loop.seed=", "seed="))]) for c in ran]
+    assert sorted(jobs) == ["distill.train loop.seed=0", "distill.train loop.seed=1", "prune.structured seed=0",
+                            "prune.structured seed=1"]  # the students both rows share trained once per seed
+    assert most[0] == 2  # two seeds trained side by side
+    assert environ["OMP_NUM_THREADS"] == str(max(1, (ablation.os.cpu_count() or 1) // 2))
+    rows = json.loads((tmp_path / "out" / "rows.json").read_text())
+    assert [s["seed"] for s in rows["kd"]["seeds"]] == [0, 1] and [s["seed"] for s in rows["kd pruned"]["seeds"]] \
+        == [0, 1]
+    assert (tmp_path / "ablation.md").is_file()
+
+
+def test_with_two_jobs_a_failed_stage_stops_the_table_and_keeps_finished_rows(tmp_path, monkeypatch):
+    import experiments.ablation as ablation
+
+    cfg = write_preset(tmp_path)
+    config = tmp_path / "ablation.yaml"
+    config.write_text(
+        "job: experiments.ablation\n"
+        f"preset: p\nconfigs_root: {cfg.configs_root}\noutput_dir: {cfg.output_dir}\ntable_dir: {tmp_path}\n"
+        "seeds: [0]\njobs: 2\n"
+        "rows:\n"
+        "  - name: kd\n    stages: [{config: distill}]\n"
+        "  - name: broken\n    stages: [{config: distill, overrides: [kd.loss=reverse_kl]}]\n")
+
+    def run_logged(command, log, what):
+        if "kd.loss=reverse_kl" in command:
+            raise SystemExit(f"ablation: {what} failed (exit 1)")
+        log.with_suffix("").mkdir(parents=True)
+
+    monkeypatch.setattr(ablation, "run_logged", run_logged)
+    monkeypatch.setattr(ablation, "evaluate_model", lambda cfg, row, model, is_teacher: ({"wer": 0.5}, {}, ["eval"]))
+    monkeypatch.setattr(ablation.os, "environ", {})
+    with pytest.raises(SystemExit, match="row 'broken' seed 0 failed"):
+        ablation.main(["--config", str(config)])
+    assert list(json.loads((tmp_path / "out" / "rows.json").read_text())) == ["kd"]
+    assert not (tmp_path / "ablation.md").exists()  # no table from a run that failed
