@@ -462,8 +462,9 @@ def row_command(cfg: JobConfig, name: str) -> str:
     return f"python -m experiments ablation --config {cfg.config_path} only={shlex.quote(json.dumps([name]))}"
 
 
-def write_tables(cfg: JobConfig, rows: list[dict]) -> list[Path]:
-    """`<table_name>.md`, `.csv`, `.tex`, `_commands.md` and `_rows.json` under `table_dir`; returns the paths."""
+def write_tables(cfg: JobConfig, rows: list[dict], missing: list[str] = ()) -> list[Path]:
+    """`<table_name>.md`, `.csv`, `.tex`, `_commands.md` and `_rows.json` under `table_dir`; returns the paths.
+    `missing` names the config's rows not run yet: the Markdown table says so under it."""
     out = Path(cfg.table_dir)
     out.mkdir(parents=True, exist_ok=True)
     keys = (*QUALITY, *SIZES, *RATIOS)
@@ -474,6 +475,9 @@ def write_tables(cfg: JobConfig, rows: list[dict]) -> list[Path]:
         md.append(f"| {row['name']} | " + " | ".join(_cell(*cells[k]) for k in keys) + f" | {len(row['seeds'])} |")
     unavailable = {k: v for r in rows for k, v in r["unavailable"].items()}
     notes = [f"- {HEADERS[k]} n/a: {reason}" for k, reason in sorted(unavailable.items())]
+    if missing:
+        notes.insert(0, f"- **Incomplete:** {len(missing)} of the config's {len(rows) + len(missing)} rows have not "
+                        f"run yet ({'; '.join(missing)}); `status=true` tells what is left.")
     md_text = "\n".join([
         f"# {cfg.table_name.capitalize()} ({cfg.preset} preset)", "",
         "Quality on the test split; the × columns are ratios to the teacher measured in the same process as the",
@@ -561,7 +565,10 @@ def main(argv: list[str] | None = None) -> int:
         record(run_row(cfg, row))
     previous = json.loads(done_path.read_text()) if done_path.is_file() else {}
     table_rows = [previous[n] for n in names if n in previous]  # the whole table, in config order
-    for path in write_tables(cfg, table_rows):
+    missing = [n for n in names if n not in previous]
+    if missing:
+        print(f"ablation: the table lacks {len(missing)} of its {len(names)} rows, not run yet: {missing}")
+    for path in write_tables(cfg, table_rows, missing):
         print(f"wrote {path}")
     print(Path(cfg.table_dir, f"{cfg.table_name}.md").read_text())
     return 0

@@ -112,6 +112,9 @@ def test_tables_hold_mean_and_std_per_row(tmp_path):
     assert r"kd \& co" in tex.read_text() and r"$\pm$" in tex.read_text()
     assert "python -m x" in commands.read_text()
     assert json.loads(kept.read_text()) == {"kd & co": rows[0]}  # the per-seed values, kept for the figures
+    assert "Incomplete" not in text
+    md = write_tables(cfg, rows, missing=["pruned 50 %", "int8"])[0]  # a table some of whose rows have not run
+    assert "**Incomplete:** 2 of the config's 3 rows have not run yet (pruned 50 %; int8)" in md.read_text()
 
 
 def test_a_typo_in_any_row_stops_before_anything_runs(tmp_path):
@@ -185,7 +188,7 @@ def test_rows_finished_by_another_process_meanwhile_are_kept(tmp_path, monkeypat
         rows_json.write_text(json.dumps({"theirs": {"name": "theirs", "seeds": []}}))
         return {"name": row.name, "seeds": []}
 
-    def write_tables(cfg, rows):
+    def write_tables(cfg, rows, missing):
         (tmp_path / f"{cfg.table_name}.md").write_text(" ".join(row["name"] for row in rows))
         return []
 
