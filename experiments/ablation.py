@@ -21,7 +21,9 @@ again from a clone, where `output_dir` is empty) and `<output_dir>/rows.json` (e
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import math
@@ -30,7 +32,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,22 +358,27 @@ def adopt(stage: PlannedStage, source: Path) -> None:
     tmp.rename(stage.output_dir)
 
 
-_locks: dict[str, threading.Lock] = {}
-_locks_guard = threading.Lock()
-
-
-def _lock(path: Path) -> threading.Lock:
-    """One lock per stage folder or model: with `jobs` > 1, two row seeds that share a stage (the pruning rows start
-    from the recipe's students) wait for each other, and the second reuses what the first made."""
-    with _locks_guard:
-        return _locks.setdefault(str(Path(path).resolve()), threading.Lock())
+@contextlib.contextmanager
+def _lock(cfg: JobConfig, path: Path):
+    """Hold the lock of one stage folder or model (an flock on a file under `<output_dir>/locks/`): two row seeds
+    that share a stage (the pruning rows start from the recipe's students) wait for each other, and the second
+    reuses what the first made, whether they run in threads of one process (`jobs`) or in two processes (`only=`)."""
+    locks = Path(cfg.output_dir) / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    with open(locks / f"{name}.lock", "w") as handle:  # an open file description of its own: threads exclude too
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_seed(cfg: JobConfig, row: Row, seed: int) -> dict:
     """One seed of one row: run its stages (reusing or adopting finished ones), score the model."""
     planned, model = plan_row(cfg, row, seed)
     for stage in planned:
-        with _lock(stage.output_dir):
+        with _lock(cfg, stage.output_dir):
             marker = stage.output_dir / "ABLATION_DONE"
             if _finished(marker, stage.command):
                 print(f"  [{row.name} | seed {seed}] reuse {stage.output_dir}", flush=True)
@@ -383,7 +389,7 @@ def run_seed(cfg: JobConfig, row: Row, seed: int) -> dict:
                 print(f"  [{row.name} | seed {seed}] {shlex.join(stage.command)}", flush=True)
                 run_logged(stage.command, stage.output_dir.with_suffix(".log"), f"row '{row.name}' seed {seed}")
                 marker.write_text(shlex.join(stage.command))
-    with _lock(model):
+    with _lock(cfg, model):
         results, ratios, eval_command = evaluate_model(cfg, row, model, is_teacher=is_teacher_row(cfg, row))
     values = {k: results.get(k) for k in QUALITY}
     values.update({f"{k}_ratio": ratios.get(k) for k in RATIOS})

@@ -483,3 +483,18 @@ def test_with_two_jobs_a_failed_stage_stops_the_table_and_keeps_finished_rows(tm
         ablation.main(["--config", str(config)])
     assert list(json.loads((tmp_path / "out" / "rows.json").read_text())) == ["kd"]
     assert not (tmp_path / "ablation.md").exists()  # no table from a run that failed
+
+
+def test_a_stage_lock_holds_against_another_process(tmp_path):
+    """Two ablation processes (`only=` on rows that share a stage) cannot run one stage folder at once."""
+    import subprocess
+    import sys
+
+    from experiments.ablation import _lock
+
+    cfg = JobConfig(output_dir=str(tmp_path / "out"))
+    try_lock = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'w'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    with _lock(cfg, tmp_path / "stages" / "distill-1"):
+        (lock_file, ) = (tmp_path / "out" / "locks").glob("*.lock")
+        assert subprocess.run([sys.executable, "-c", try_lock, str(lock_file)], capture_output=True).returncode != 0
+    assert subprocess.run([sys.executable, "-c", try_lock, str(lock_file)]).returncode == 0  # released
