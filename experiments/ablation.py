@@ -468,7 +468,7 @@ def row_command(cfg: JobConfig, name: str) -> str:
     return f"python -m experiments ablation --config {cfg.config_path} only={shlex.quote(json.dumps([name]))}"
 
 
-def write_tables(cfg: JobConfig, rows: list[dict], missing: list[str] = ()) -> list[Path]:
+def write_tables(cfg: JobConfig, rows: list[dict], missing: list[str] | None = None) -> list[Path]:
     """`<table_name>.md`, `.csv`, `.tex`, `_commands.md` and `_rows.json` under `table_dir`; returns the paths.
     `missing` names the config's rows not run yet: the Markdown table says so under it."""
     out = Path(cfg.table_dir)
@@ -566,9 +566,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if cfg.jobs > 1:
         run_parallel(cfg, rows, record)
-    for row in rows if cfg.jobs == 1 else []:
-        print(f"=== row: {row.name}", flush=True)
-        record(run_row(cfg, row))
+    else:
+        for row in rows:
+            print(f"=== row: {row.name}", flush=True)
+            record(run_row(cfg, row))
     previous = json.loads(done_path.read_text()) if done_path.is_file() else {}
     table_rows = [previous[n] for n in names if n in previous]  # the whole table, in config order
     missing = [n for n in names if n not in previous]
