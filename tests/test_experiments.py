@@ -23,6 +23,14 @@ def write_preset(tmp_path):
                      config_path="ablation.yaml")
 
 
+def write_ablation(tmp_path, cfg, body: str) -> Path:
+    """An ablation YAML over `write_preset`'s preset, its tables under tmp_path; `body` adds keys and the rows."""
+    config = tmp_path / "ablation.yaml"
+    config.write_text(f"job: experiments.ablation\npreset: p\nconfigs_root: {cfg.configs_root}\n"
+                      f"output_dir: {cfg.output_dir}\ntable_dir: {tmp_path}\n{body}")
+    return config
+
+
 def test_plan_chains_prev_and_seed_and_shares_identical_stages(tmp_path):
     cfg = write_preset(tmp_path)
     kd = StageRun(config="distill", overrides=["kd.loss=forward_kl"])
@@ -121,13 +129,10 @@ def test_a_typo_in_any_row_stops_before_anything_runs(tmp_path):
     from experiments.ablation import main
 
     cfg = write_preset(tmp_path)
-    config = tmp_path / "ablation.yaml"
-    config.write_text(
-        "job: experiments.ablation\n"
-        f"preset: p\nconfigs_root: {cfg.configs_root}\noutput_dir: {cfg.output_dir}\n"
+    config = write_ablation(tmp_path, cfg, (
         "rows:\n"
         "  - name: fine\n    stages: [{config: distill, overrides: [kd.loss=reverse_kl]}]\n"
-        "  - name: typo\n    stages: [{config: distill, overrides: [kd.los=reverse_kl]}]\n")
+        "  - name: typo\n    stages: [{config: distill, overrides: [kd.los=reverse_kl]}]\n"))
     with pytest.raises(SystemExit, match=r"row 'typo'.*kd.los.*did you mean 'loss'"):
         main(["--config", str(config)])
     assert not (tmp_path / "out").exists()
@@ -174,13 +179,10 @@ def test_rows_finished_by_another_process_meanwhile_are_kept(tmp_path, monkeypat
     import experiments.ablation as ablation
 
     cfg = write_preset(tmp_path)
-    config = tmp_path / "ablation.yaml"
-    config.write_text(
-        "job: experiments.ablation\n"
-        f"preset: p\nconfigs_root: {cfg.configs_root}\noutput_dir: {cfg.output_dir}\ntable_dir: {tmp_path}\n"
+    config = write_ablation(tmp_path, cfg, (
         "rows:\n"
         "  - name: mine\n    stages: [{config: distill}]\n"
-        "  - name: theirs\n    stages: [{config: distill, overrides: [kd.loss=reverse_kl]}]\n")
+        "  - name: theirs\n    stages: [{config: distill, overrides: [kd.loss=reverse_kl]}]\n"))
     rows_json = tmp_path / "out" / "rows.json"
 
     def run_row(cfg, row):  # the other process finishes its row while this one trains
@@ -294,13 +296,11 @@ def test_status_tells_done_started_and_left_without_running_anything(tmp_path, m
 
     cfg = write_preset(tmp_path)
     (tmp_path / "configs" / "p" / "evaluate.yaml").write_text("job: evaluation.run\n")
-    config = tmp_path / "ablation.yaml"
-    config.write_text(
-        "job: experiments.ablation\n"
-        f"preset: p\nconfigs_root: {cfg.configs_root}\noutput_dir: {cfg.output_dir}\nseeds: [0, 1]\n"
+    config = write_ablation(tmp_path, cfg, (
+        "seeds: [0, 1]\n"
         "rows:\n"
         "  - name: kd\n    stages: [{config: distill}]\n"
-        "  - name: kd pruned\n    stages: [{config: distill}, {config: prune, overrides: ['model={prev}']}]\n")
+        "  - name: kd pruned\n    stages: [{config: distill}, {config: prune, overrides: ['model={prev}']}]\n"))
     from common.config import load_job_config
 
     loaded = load_job_config(config)
@@ -421,14 +421,11 @@ def test_two_jobs_run_seeds_side_by_side_and_a_shared_stage_once(tmp_path, monke
     import experiments.ablation as ablation
 
     cfg = write_preset(tmp_path)
-    config = tmp_path / "ablation.yaml"
-    config.write_text(
-        "job: experiments.ablation\n"
-        f"preset: p\nconfigs_root: {cfg.configs_root}\noutput_dir: {cfg.output_dir}\ntable_dir: {tmp_path}\n"
+    config = write_ablation(tmp_path, cfg, (
         "seeds: [0, 1]\njobs: 2\n"
         "rows:\n"
         "  - name: kd\n    stages: [{config: distill}]\n"
-        "  - name: kd pruned\n    stages: [{config: distill}, {config: prune, overrides: ['model={prev}']}]\n")
+        "  - name: kd pruned\n    stages: [{config: distill}, {config: prune, overrides: ['model={prev}']}]\n"))
     ran, running, most = [], [0], [0]
     guard = threading.Lock()
 
@@ -462,14 +459,11 @@ def test_with_two_jobs_a_failed_stage_stops_the_table_and_keeps_finished_rows(tm
     import experiments.ablation as ablation
 
     cfg = write_preset(tmp_path)
-    config = tmp_path / "ablation.yaml"
-    config.write_text(
-        "job: experiments.ablation\n"
-        f"preset: p\nconfigs_root: {cfg.configs_root}\noutput_dir: {cfg.output_dir}\ntable_dir: {tmp_path}\n"
+    config = write_ablation(tmp_path, cfg, (
         "seeds: [0]\njobs: 2\n"
         "rows:\n"
         "  - name: kd\n    stages: [{config: distill}]\n"
-        "  - name: broken\n    stages: [{config: distill, overrides: [kd.loss=reverse_kl]}]\n")
+        "  - name: broken\n    stages: [{config: distill, overrides: [kd.loss=reverse_kl]}]\n"))
 
     def run_logged(command, log, what):
         if "kd.loss=reverse_kl" in command:
