@@ -7,7 +7,7 @@ import sys
 def main(argv: list[str]) -> int:
     commands = ("ablation", "figures", "compare")
     if not argv or argv[0] not in commands:
-        print(f"usage: python -m experiments {{{'|'.join(commands)}}} [--config YAML] [key=value ...]", file=sys.stderr)
+        print(f"usage: python -m experiments {{{'|'.join(commands)}}} ... (each with --help)", file=sys.stderr)
         return 2
     if argv[0] == "ablation":
         from experiments.ablation import main as run
