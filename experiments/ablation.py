@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import ConfigError, load_job_config, parse_cli, read_yaml
+from common.config import ConfigError, config_hash, load_job_config, parse_cli, read_yaml, save_resolved
 from teacher.cache import teacher_identity
 
 QUALITY = ("wer", "cider_d", "spice", "spider")
@@ -331,8 +331,6 @@ def adopt(stage: PlannedStage, source: Path) -> None:
     """Copy a finished stage folder of another table into `stage.output_dir`, with its log and TensorBoard folder,
     and point its bookkeeping here: every `config.yaml` the job wrote is written again for this folder's resolved
     config, and every `DONE` marker gets that config's hash (the input stamps after it stay: same inputs)."""
-    from common.config import config_hash, save_resolved
-
     source_command = shlex.split((source / "ABLATION_DONE").read_text())
     source_paths = _split_paths(source_command)[1]
     source_cfg = load_job_config(stage.config, source_command[5:])
