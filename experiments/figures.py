@@ -243,13 +243,14 @@ def plot_token_keep(rows: list[dict], bench: dict | None, out: Path) -> Path | N
 
 
 def pruning_points(rows: list[dict], key: str, recovery: int) -> list[tuple[float, float, float | None]]:
-    """(pruning ratio, mean, std) of `key` for the rows without int8 that have this recovery tag, by ratio. Where
-    several rows (e.g. from several rows.json files) share a ratio, the one with the most seeds is drawn."""
+    """(pruning ratio, mean, std) of `key` for the rows without int8 that have this recovery tag, by ratio. An
+    unpruned row (ratio 0) starts both curves: it has nothing to recover. Where several rows (e.g. from several
+    rows.json files) share a ratio, the one with the most seeds is drawn."""
     best: dict[float, dict] = {}
     for r in tagged(rows, "prune_ratio"):
-        if int(r["tags"].get("recovery", 0)) != recovery or r["tags"].get("int8"):
-            continue
         ratio = float(r["tags"]["prune_ratio"])
+        if (ratio and int(r["tags"].get("recovery", 0)) != recovery) or r["tags"].get("int8"):
+            continue
         if ratio not in best or n_seeds(r) > n_seeds(best[ratio]):
             best[ratio] = r
     pts = [(ratio, *stat(r, key)) for ratio, r in sorted(best.items())]

@@ -232,6 +232,10 @@ def test_pruning_figure_draws_one_point_per_ratio_the_row_with_most_seeds():
             row(0.5, 0, [9.0, 9.0, 9.0, 9.0], int8=1)]
     assert pruning_points(rows, "wer", 0) == [(0.25, 0.8, None), (0.5, pytest.approx(1.2), pytest.approx(0.2))]
     assert pruning_points(rows, "wer", 1) == [(0.5, 0.9, None)]
+    # the unpruned student, however tagged, starts the curve with recovery too
+    rows.append(row(0.0, 0, [0.7]))
+    assert pruning_points(rows, "wer", 1) == [(0.0, 0.7, None), (0.5, 0.9, None)]
+    assert pruning_points(rows, "wer", 0)[0] == (0.0, 0.7, None)
 
 
 def test_figures_fall_back_to_the_rows_kept_beside_the_table(tmp_path, monkeypatch):
