@@ -181,7 +181,7 @@ def plot_pareto(rows: list[dict], out: Path) -> Path | None:
         # Rows of one size stack up at one x: their numbers go right of the points in three staggered columns.
         for x, y, number in points:
             same = sorted((p[1], p[2]) for p in points if abs(p[0] - x) < 1e-3 * x)
-            column = same.index((y, number)) % 3 if len(same) > 2 else 0
+            column = same.index((y, number)) % 3 if len(same) > 1 else 0
             ax.annotate(str(number), (x, y), fontsize=7, xytext=(5 + 12 * column, -3), textcoords="offset points")
         points = [(x, y) for x, y, _ in points]
         front = pareto_front(points, higher)
