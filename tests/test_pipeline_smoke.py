@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from evaluation.results import load_results
@@ -59,6 +60,12 @@ def test_smoke_pipeline_end_to_end():
     assert max(r["step"] for r in finetune) == 3
     relearn = [json.loads(x) for x in (teacher_runs / "relearn" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in relearn) == 3 and all("train/ctc" not in r for r in relearn)
+    # BEATs as the quick preset (the default) trains it: tagged alone, then frozen and its outputs stored once,
+    # where the cache stage reads them again instead of running BEATs
+    tagging = [json.loads(x) for x in (teacher_runs / "beats_pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in tagging) == 4 and any("eval/tag_map" in r for r in tagging)
+    assert "train: cached audio_encoder_out" in proc.stdout
+    assert len(list((out / "encoders").glob("train-audio_encoder_out-*.safetensors"))) == 1
 
     again = run_smoke()
     assert again.returncode == 0, again.stderr[-3000:]
@@ -98,3 +105,36 @@ def test_smoke_ablation_table_and_figures():
     again = subprocess.run(["bash", "scripts/ablation.sh", "--preset", "smoke"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "reuse" in again.stdout and " -m distill.train " not in again.stdout
+
+
+@pytest.mark.slow
+def test_the_toy_teacher_recipe_still_trains_beats_with_salmonn(tmp_path):
+    """The smoke teacher freezes and stores BEATs, as the quick preset does; the toy preset's teacher (behind paper/)
+    trains BEATs with SALMONN and stores nothing. That way, at smoke size, so that it keeps running."""
+    from common.config import load_job_config
+    from common.training import seed_everything
+    from teacher.build import build_salmonn
+    from teacher.checkpoint import load_model_folder
+    from teacher.train import main as train_main
+
+    if not (ROOT / "data" / "smoke" / "manifest.json").is_file():
+        assert run_smoke().returncode == 0
+    overrides = [f"output_dir={tmp_path / 'teacher'}", f"log_dir={tmp_path / 'runs'}", "encoder_store=",
+                 "model.beats.freeze=false", "model.qformer.trim_to_audio=false", "beats_pretrain.steps=0",
+                 "loop.max_steps=4", "loop.eval_every=4", "loop.log_every=2", "finetune.steps=0", "relearn.steps=0"]
+    config = ROOT / "configs" / "smoke" / "teacher.yaml"
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the config's data and tokenizer paths are relative to the repository
+    try:
+        assert train_main(["--config", str(config), *overrides]) == 0
+        cfg = load_job_config(config, overrides)
+        seed_everything(cfg.loop.seed)
+        initial = build_salmonn(cfg.model)[0].audio_encoder.state_dict()
+    finally:
+        os.chdir(cwd)
+    trained = load_model_folder(tmp_path / "teacher" / "model").audio_encoder.state_dict()
+    changed = [k for k, v in trained.items() if k in initial and not torch.equal(v, initial[k])]
+    assert changed, "BEATs did not train with SALMONN"
+    assert not (tmp_path / "teacher" / "beats_pretrain").exists()
+    records = [json.loads(x) for x in (tmp_path / "runs" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 4 and any("train/llm" in r for r in records)
