@@ -64,8 +64,10 @@ def test_smoke_pipeline_end_to_end():
     # where the cache stage reads them again instead of running BEATs
     tagging = [json.loads(x) for x in (teacher_runs / "beats_pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in tagging) == 4 and any("eval/tag_map" in r for r in tagging)
-    assert "train: cached audio_encoder_out" in proc.stdout
-    assert len(list((out / "encoders").glob("train-audio_encoder_out-*.safetensors"))) == 1
+    stores = [line.split(" from ", 1)[1] for line in proc.stdout.splitlines()
+              if line.startswith("train: cached audio_encoder_out from ")]
+    assert len(stores) == 2 and stores[0] == stores[1], stores  # the teacher wrote it, the cache stage read it
+    assert (ROOT / stores[0]).is_file() and (ROOT / stores[0]).parent == out / "encoders"
 
     again = run_smoke()
     assert again.returncode == 0, again.stderr[-3000:]
