@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
     --preset) PRESET="$2"; shift 2 ;;
     --preset=*) PRESET="${1#--preset=}"; shift ;;
     --force) FORCE=(--force); shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *=*) OVERRIDES+=("$1"); shift ;;
     *) echo "unknown argument '$1' (expected --preset NAME, --force or key=value)" >&2; exit 2 ;;
   esac
