@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from common.audio import SAMPLE_RATE, load_audio
-from common.config import parse_cli, save_resolved
+from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
 from common.device import InferenceDtype, place_for_inference
 from common.feature_store import with_feature_store
@@ -30,7 +30,8 @@ from evaluation.asr_metrics import NORMALIZER_NAME, asr_scores
 from evaluation.caption_metrics import caption_scores
 from evaluation.efficiency import EfficiencyConfig, compare, ratios, release_memory
 from evaluation.interface import AudioLanguageModel
-from evaluation.results import QUALITY_KEYS, build_results, efficiency_metrics, format_summary, write_results
+from evaluation.results import (QUALITY_KEYS, build_results, efficiency_metrics, format_summary, load_results,
+                                write_results)
 
 
 @dataclass
@@ -229,13 +230,30 @@ def comparison_table(results: dict[str, dict], ratios: dict[str, dict], referenc
     return "\n".join([f"Ratios (×) are to `{reference}`, measured in the same process.", "", *lines])
 
 
+DONE_MARKER = "EVALUATED"
+"""The file that marks a finished evaluation in its output folder, with the key of its config and inputs (not `DONE`:
+`experiments.ablation` keeps its own marker of that name in the evaluation folders it plans)."""
+
+
+def evaluation_inputs(cfg: JobConfig) -> list[str]:
+    """What an evaluation reads besides its config: every model's folder and the test annotation files, so that a
+    retrained stage or regenerated data makes a finished evaluation stale."""
+    return [ref.path for ref in cfg.models] + list(cfg.data.test)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfg, _ = parse_cli(JobConfig, argv)
+    cfg, force = parse_cli(JobConfig, argv)
     if not cfg.models:
         raise SystemExit("config error: `models` is empty; list at least one {name, loader, path}")
+    out_root = Path(cfg.output_dir)
+    inputs = evaluation_inputs(cfg)
+    if stage_is_current(cfg, out_root, DONE_MARKER, inputs) and not force:
+        print(f"evaluation up to date: {out_root} (use --force to evaluate again)")
+        print((out_root / "table.md").read_text(), end="")
+        return {ref.name: load_results(out_root / ref.name / "results.json") for ref in cfg.models}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out_root = Path(cfg.output_dir)
+    (out_root / DONE_MARKER).unlink(missing_ok=True)  # written again, last, when every result is in place
     save_resolved(cfg, out_root)
     dataset = load_test_split(cfg)
     print(f"test split: {dataset.report.summary()}")
@@ -283,6 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = comparison_table(all_results, report["ratios"], report["reference"])
     (out_root / "table.md").write_text(table + "\n")
     print(table)
+    mark_stage_done(cfg, out_root, DONE_MARKER, inputs)
     return all_results
 
 

@@ -63,6 +63,42 @@ def test_evaluates_two_stages_and_writes_results(setup, tmp_path):
     assert (tmp_path / "teacher" / "summary.txt").read_text().startswith("results for teacher")
 
 
+def test_a_finished_evaluation_is_skipped_until_its_config_a_model_or_the_data_changes(setup, tmp_path, capsys,
+                                                                                       monkeypatch):
+    import shutil
+
+    import evaluation.run as run
+
+    root = setup
+    model = shutil.copytree(root / "teacher", tmp_path / "model")
+    args = [f"models=[{{name: teacher, path: {model}}}]", f"data.test=[{root / 'test.json'}]",
+            "features.whisper_chunk_seconds=2", "efficiency.timed_runs=1", "efficiency.warmup_runs=1",
+            "efficiency.decode_steps=1", "efficiency.throughput_runs=1", "efficiency.throughput_batch_size=1",
+            "efficiency.max_new_tokens=2", "efficiency_clips=1", "generation.max_new_tokens=2",
+            f"output_dir={tmp_path / 'eval'}", f"caption_cache_dir={tmp_path / 'jars'}"]
+    first = evaluate_main(args)
+    assert (tmp_path / "eval" / "EVALUATED").is_file()
+    calls = []
+    real_quality = run.quality
+    monkeypatch.setattr(run, "quality", lambda *a, **k: calls.append(1) or real_quality(*a, **k))
+    capsys.readouterr()
+    again = evaluate_main(args)
+    assert "evaluation up to date" in capsys.readouterr().out and not calls
+    assert again["teacher"]["wer"] == first["teacher"]["wer"]
+    evaluate_main([*args, "generation.max_new_tokens=3"])  # another config
+    assert len(calls) == 1
+    evaluate_main([*args, "--force"])
+    assert len(calls) == 2
+    evaluate_main(args)
+    assert len(calls) == 2
+    (root / "test.json").touch()  # regenerated data
+    evaluate_main(args)
+    assert len(calls) == 3
+    next(p for p in model.rglob("*") if p.is_file()).touch()  # a retrained model
+    evaluate_main(args)
+    assert len(calls) == 4
+
+
 def test_select_clips_groups_captions_and_limits():
     class Ex:
         def __init__(self, path, task, text):

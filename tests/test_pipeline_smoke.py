@@ -72,7 +72,7 @@ def test_smoke_pipeline_end_to_end():
     again = run_smoke()
     assert again.returncode == 0, again.stderr[-3000:]
     assert "teacher up to date" in again.stdout and "student up to date" in again.stdout
-    assert "teacher cache up to date" in again.stdout
+    assert "teacher cache up to date" in again.stdout and "evaluation up to date" in again.stdout
 
 
 @pytest.mark.slow
