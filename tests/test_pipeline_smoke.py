@@ -110,7 +110,7 @@ def test_smoke_ablation_table_and_figures():
 
 
 @pytest.mark.slow
-def test_the_toy_teacher_recipe_still_trains_beats_with_salmonn(tmp_path):
+def test_the_toy_teacher_recipe_still_trains_beats_with_salmonn(tmp_path, monkeypatch):
     """The smoke teacher freezes and stores BEATs, as the quick preset does; the toy preset's teacher (behind paper/)
     trains BEATs with SALMONN and stores nothing. That way, at smoke size, so that it keeps running."""
     from common.config import load_job_config
@@ -125,15 +125,11 @@ def test_the_toy_teacher_recipe_still_trains_beats_with_salmonn(tmp_path):
                  "model.beats.freeze=false", "model.qformer.trim_to_audio=false", "beats_pretrain.steps=0",
                  "loop.max_steps=4", "loop.eval_every=4", "loop.log_every=2", "finetune.steps=0", "relearn.steps=0"]
     config = ROOT / "configs" / "smoke" / "teacher.yaml"
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # the config's data and tokenizer paths are relative to the repository
-    try:
-        assert train_main(["--config", str(config), *overrides]) == 0
-        cfg = load_job_config(config, overrides)
-        seed_everything(cfg.loop.seed)
-        initial = build_salmonn(cfg.model)[0].audio_encoder.state_dict()
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(ROOT)  # the config's data and tokenizer paths are relative to the repository
+    assert train_main(["--config", str(config), *overrides]) == 0
+    cfg = load_job_config(config, overrides)
+    seed_everything(cfg.loop.seed)
+    initial = build_salmonn(cfg.model)[0].audio_encoder.state_dict()
     trained = load_model_folder(tmp_path / "teacher" / "model").audio_encoder.state_dict()
     changed = [k for k, v in trained.items() if k in initial and not torch.equal(v, initial[k])]
     assert changed, "BEATs did not train with SALMONN"
