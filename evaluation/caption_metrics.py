@@ -69,6 +69,12 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "smolt" / "caption_metrics"
 
 
+def shown(text: object) -> str:
+    """`text` (a path or a message naming paths) as a note may print it: the home folder written `~`, so that a note
+    stored in results.json and the tables does not carry this machine's home folder."""
+    return str(text).replace(str(Path.home()), "~")
+
+
 def caption_scores(
     candidates: Sequence[str], references: Sequence[Sequence[str]], cache_dir: Path | None = None
 ) -> dict:
@@ -175,17 +181,18 @@ def locate_spice(java: JavaRuntime, cache_dirs: Sequence[Path]) -> Path:
             install = cache_dir
             break
         except (FileNotFoundError, NotADirectoryError) as err:
-            missing.append(f"in {cache_dir}: {err}")
+            missing.append(shown(f"in {cache_dir}: {err}"))
     if install is None:
         problems.append(
             "SPICE needs spice-1.0.jar and the Stanford CoreNLP 3.6.0 jars, which no package registry ships "
             f"({'; '.join(missing)}). Run `aac-metrics-download` on a connected machine and copy its "
-            f"<cache>/aac-metrics/spice folder to {cache_dirs[0] / 'aac-metrics' / 'spice'}."
+            f"<cache>/aac-metrics/spice folder to {shown(cache_dirs[0] / 'aac-metrics' / 'spice')}."
         )
     if java.major_version > SPICE_MAX_JAVA_MAJOR_VERSION:
         problems.append(
-            f"SPICE 1.0 fails on Java > {SPICE_MAX_JAVA_MAJOR_VERSION} and {java.executable} is Java "
-            f"{java.major_version}: set AAC_METRICS_JAVA_PATH to a Java 8 or 11 executable."
+            f"SPICE 1.0 fails on Java > {SPICE_MAX_JAVA_MAJOR_VERSION} and the Java in use (AAC_METRICS_JAVA_PATH, "
+            f"else `java` on PATH) is Java {java.major_version}: set AAC_METRICS_JAVA_PATH to a Java 8 or 11 "
+            "executable."
         )
     if problems:
         raise MetricUnavailable(" ".join(problems))

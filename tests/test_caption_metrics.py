@@ -265,3 +265,13 @@ def _fake_spice_install(cache_dir: Path) -> Path:
     for name in [*jars, "stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar"]:
         (spice_dir / "lib" / name).touch()
     return cache_dir
+
+
+def test_the_spice_note_names_no_home_folder_or_java_binary(tmp_path, monkeypatch):
+    """The note lands in results.json and the committed tables: `~` for the home folder, the setting for Java."""
+    monkeypatch.setattr(Path, "home", lambda: tmp_path)
+    with pytest.raises(MetricUnavailable) as refused:
+        locate_spice(JavaRuntime("/opt/jdk-17/bin/java", 17), [tmp_path / ".cache" / "smolt"])
+    note = str(refused.value)
+    assert "~/.cache/smolt" in note and str(tmp_path) not in note
+    assert "/opt/jdk-17" not in note and "AAC_METRICS_JAVA_PATH" in note
