@@ -141,11 +141,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ask.add_argument("--task", help="ask with the model's training prompt of this task (asr, audiocaption)")
     ask.add_argument("--prompt", help="ask this instruction instead (the model's template wraps it)")
     parser.add_argument("--output", help="also write the outputs here: .jsonl (one record per clip) or .json")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="clips decoded together (default 8); a model whose Q-Former reads the whole Whisper "
-                             "window (SALMONN's setting, qformer.trim_to_audio false) or whose Whisper reads batches "
-                             "cut to their longest clip (whisper.pad_to_longest) gives a clip's output that can "
-                             "depend on the longest clip beside it: 1 decodes each clip alone")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="clips decoded together (default 1: each clip alone). Batching is faster, but a clip's "
+                             "audio tokens then depend on the longest clip in its batch (padding: extra Q-Former "
+                             "windows with qformer.trim_to_audio, padded BEATs frames without it), so a clip's output "
+                             "can change with the clips beside it; clips of equal length batch exactly")
     parser.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="weights' dtype: auto is float16 on a GPU, float32 on the CPU; int8 weights stay int8")
