@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common.annotations import DataError, DataReport, Example, read_examples
 from common.audio import SAMPLE_RATE, AudioError, load_audio
-from common.config import read_yaml
+from common.config import ConfigError, read_yaml
 from common.dataset import DEFAULT_PROMPTS, AudioTextDataset, DataConfig
 from common.features import FeatureConfig
 from evaluation.models import FOLDER_KINDS, GenerationConfig, decode, folder_kind, load_model
@@ -38,10 +38,13 @@ def task_prompts(folder: Path) -> tuple[dict[str, str], str]:
     unless their source's config said otherwise.
     """
     for config in (folder / "config.yaml", folder.parent / "config.yaml"):
-        if config.is_file():
-            prompts = (read_yaml(config).get("data") or {}).get("prompts")
-            if isinstance(prompts, dict) and prompts:
-                return {**DEFAULT_PROMPTS, **prompts}, f"{config} (data.prompts)"
+        try:
+            data = read_yaml(config).get("data")
+        except ConfigError:  # absent or not a job's config: not where the prompts are
+            continue
+        prompts = data.get("prompts") if isinstance(data, dict) else None
+        if isinstance(prompts, dict) and prompts:
+            return {**DEFAULT_PROMPTS, **prompts}, f"{config} (data.prompts)"
     return dict(DEFAULT_PROMPTS), "common.dataset.DEFAULT_PROMPTS"
 
 
