@@ -10,7 +10,6 @@ to `comparison.json`: on a noisy CPU only ratios taken in one run mean something
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,18 +17,20 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from common.audio import SAMPLE_RATE, load_audio
 from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
-from common.device import InferenceDtype, place_for_inference
+from common.device import InferenceDtype
 from common.feature_store import with_feature_store
 from common.features import AudioFeaturizer, FeatureConfig
 from evaluation.asr_metrics import NORMALIZER_NAME, asr_scores
 from evaluation.caption_metrics import caption_scores
 from evaluation.efficiency import EfficiencyConfig, compare, ratios, release_memory
 from evaluation.interface import AudioLanguageModel
+from evaluation.models import GenerationConfig
+from evaluation.models import decode as decode_clips
+from evaluation.models import load_model as load_model_folder
 from evaluation.results import (QUALITY_KEYS, build_results, efficiency_metrics, format_summary, load_results,
                                 write_results)
 
@@ -39,18 +40,12 @@ class ModelRef:
     name: str = "teacher"
     """Name in the outputs (`<output_dir>/<name>/results.json`)."""
     loader: str = "teacher.checkpoint:load_model_folder"
-    """`module:function` taking the path and returning an AudioLanguageModel."""
+    """`module:function` taking the path and returning an AudioLanguageModel; empty: chosen from the folder's files
+    (`evaluation.models.folder_kind`: any stage's folder)."""
     path: str = ""
     quality: bool = True
     """Decode and score this model; false measures only its efficiency (e.g. the teacher as the reference of
     ratios, when its quality was scored once elsewhere). Its quality metrics are then null with the reason."""
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 48
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -86,11 +81,7 @@ class JobConfig:
 
 
 def load_model(ref: ModelRef, device: str = "cpu", dtype: InferenceDtype = "float32") -> AudioLanguageModel:
-    module_name, _, function = ref.loader.partition(":")
-    if not function:
-        raise ValueError(f"models[{ref.name}].loader must be 'module:function', got {ref.loader!r}")
-    model = getattr(importlib.import_module(module_name), function)(ref.path)
-    return place_for_inference(model, device, dtype)
+    return load_model_folder(ref.loader, ref.path, device, dtype, where=f"models[{ref.name}].loader")
 
 
 def select_clips(dataset, max_per_task: int) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
@@ -112,21 +103,8 @@ def select_clips(dataset, max_per_task: int) -> tuple[dict[str, list[int]], dict
     return chosen, refs
 
 
-@torch.inference_mode()
 def decode(model: AudioLanguageModel, dataset, indices: list[int], cfg: JobConfig) -> list[str]:
-    collate = AudioTextCollator()
-    gen = cfg.generation
-    # Similar lengths together: less padding in BEATs and in the left-padded prompts.
-    order = sorted(indices, key=lambda i: dataset.durations[i])
-    out: dict[int, str] = {}
-    for start in tqdm(range(0, len(order), cfg.batch_size), desc="decode", unit="batch", leave=False):
-        ids = order[start : start + cfg.batch_size]
-        batch = collate([dataset[i] for i in ids])
-        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        texts = model.generate(batch, batch["prompts"], max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams,
-                               repetition_penalty=gen.repetition_penalty)
-        out.update(zip(ids, texts, strict=True))
-    return [out[i] for i in indices]
+    return decode_clips(model, dataset, indices, cfg.batch_size, cfg.generation)
 
 
 def quality(model: AudioLanguageModel, dataset, cfg: JobConfig, out_dir: Path,
