@@ -192,9 +192,9 @@ def read_hub_dataset(source: str, tasks: list[str], on_error: str, report: DataR
     options = options or HFDatasetOptions()
     repo_source, _, split = source.partition(":")
     try:
-        snap = snapshot(repo_source, "data.train/valid/test entry", repo_type="dataset")
+        snap = snapshot(repo_source, repo_type="dataset")
     except HubError as err:
-        raise DataError(str(err), "missing_annotation") from None
+        raise DataError(f"{source}: no annotation file or dataset folder there. {err}", "missing_annotation") from None
     try:
         ds = datasets.load_dataset(snap.folder, name=options.subset or None, split=split or None,
                                    cache_dir=datasets_cache_dir())

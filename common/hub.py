@@ -38,7 +38,7 @@ PICKLED_WEIGHTS = ["*.bin", "*.pt", "*.pth", "*.ckpt"]
 
 
 class HubError(OSError):
-    """A hub id could not be resolved to a folder. The message names the id, the config key, the cache and the fix."""
+    """A hub id could not be resolved to a folder. The message names the id, the cache, why, and the fix."""
 
 
 @dataclass
@@ -117,63 +117,75 @@ def _cached_files(cache: Path, repo: str, revision: str, repo_type: str) -> list
     return [p.relative_to(folder).as_posix() for p in folder.rglob("*")] if folder.is_dir() else []
 
 
-def _ignored(repo: str, revision: str, repo_type: str, cache: Path, offline: bool) -> list[str]:
-    """Patterns a model download skips; decided from the repository's file list (the hub's, else the cache's), so
-    an offline run asks for exactly the files the online run fetched."""
+def _ignored(files: list[str], repo_type: str) -> list[str]:
+    """Patterns a model download skips, decided from the repository's file list (the hub's, else the cache's), so an
+    offline run asks for exactly the files the online run fetched."""
     if repo_type != "model":
         return []
-    files: list[str] = []
-    if not offline:
-        from huggingface_hub import HfApi
-
-        try:
-            files = HfApi().list_repo_files(repo, revision=revision, repo_type=repo_type)
-        except (OSError, ValueError):
-            files = []
-    files = files or _cached_files(cache, repo, revision, repo_type)
     has_safetensors = any(f.endswith(".safetensors") for f in files)
     return OTHER_FORMATS + (PICKLED_WEIGHTS if has_safetensors else [])
 
 
-def snapshot(source: str, key: str, repo_type: str = "model") -> HubSnapshot:
-    """Resolve the hub id `source` (config key `key`) to a snapshot folder of the hub cache.
+def _hub_files(repo: str, revision: str, repo_type: str) -> tuple[list[str] | None, str]:
+    """The repository's files as the hub lists them, or (None, why) when the hub cannot be asked. One request, no
+    retries: on a machine without network the cache is read at once instead of after huggingface_hub's backoff."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
-    Downloads what is missing when connected; with `HF_HUB_OFFLINE=1` reads the cache only. Raises HubError
-    naming the id, the key, the cache folder and the fix (which includes the local-folder reading of the string).
+    try:
+        info = HfApi().repo_info(repo, revision=revision, repo_type=repo_type)
+    except HfHubHTTPError as err:  # not found, gated, no such revision: the answer of a reachable hub
+        return None, f"the hub answered {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    except Exception as err:  # noqa: BLE001 — any transport failure (DNS, proxy, timeout) means: read the cache
+        return None, f"the hub is not reachable ({type(err).__name__}: {err})"
+    return [s.rfilename for s in info.siblings or []], ""
+
+
+def snapshot(source: str, repo_type: str = "model") -> HubSnapshot:
+    """Resolve the hub id `source` to a snapshot folder of the hub cache.
+
+    Downloads what is missing when the hub answers; with `HF_HUB_OFFLINE=1`, or when it does not, reads the cache
+    only. Raises HubError saying why the hub reading failed (the id, the cache folder, the fix); callers put it
+    after their own not-found message for the local reading.
     """
     from huggingface_hub import snapshot_download
 
     parsed = parse_hub_id(source)
     if parsed is None:
-        raise HubError(f"{key}: {source!r} is not a hub id (owner/name[@revision])")
+        raise HubError(f"{source!r} is not a hub id (owner/name[@revision])")
     repo, revision = parsed
     revision = revision or "main"
-    cache, offline = hub_cache_dir(), hub_offline()
+    cache = hub_cache_dir()
+    files, why = (None, "HF_HUB_OFFLINE=1 is set, so only the cache was read") if hub_offline() else \
+        _hub_files(repo, revision, repo_type)
+    if files is None:
+        files = _cached_files(cache, repo, revision, repo_type)
     try:
         folder = snapshot_download(repo, repo_type=repo_type, revision=revision, cache_dir=cache,
-                                   local_files_only=offline,
-                                   ignore_patterns=_ignored(repo, revision, repo_type, cache, offline) or None)
+                                   local_files_only=bool(why), ignore_patterns=_ignored(files, repo_type) or None)
     except (OSError, ValueError) as err:
+        why = why or f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
         download = f"hf download {repo} --revision {revision}" + (f" --repo-type {repo_type}" * (repo_type != "model"))
-        first_line = (str(err).splitlines() or [""])[0]
-        how = (f"HF_HUB_OFFLINE=1 is set, so only the cache was read; download it on a connected machine "
-               f"(unset HF_HUB_OFFLINE, or `{download}`) into that cache" if offline else
-               f"the hub answered: {type(err).__name__}: {first_line}")
         raise HubError(
-            f"{key}={source}: not found. As a local path: nothing at {Path(source).absolute()}. As a hub {repo_type} "
-            f"id ({repo} at revision {revision}): not in the hub cache {cache} and {how}. Fix: put the folder there "
-            f"(write ./{source} to mean the local path only), or override {key}=<folder or owner/name>."
+            f"Read as a hub {repo_type} id, {repo} at revision {revision} is not in the hub cache {cache} and {why}. "
+            f"Fix: on a connected machine run `{download}` (or leave HF_HUB_OFFLINE unset) with that cache; "
+            f"write ./{source} to mean a local path only."
         ) from None
     resolved = HubSnapshot(repo, repo_type, revision, Path(folder).name, str(folder))
     RESOLVED[source] = resolved
     return resolved
 
 
-def local_folder(source: str, key: str) -> Path:
-    """The folder a config's model path names: the path itself, or the hub snapshot of a hub id."""
-    if is_hub_id(source):
-        return Path(snapshot(source, key).folder)
-    return Path(source)
+def local_folder(source: str) -> tuple[Path, str]:
+    """`(folder, note)` for a config's model path: the path itself, or the hub snapshot of a hub id. When a hub id
+    resolves to nothing, the folder is the local reading (which does not exist) and `note` says why the hub reading
+    failed, for the caller's not-found message to end with."""
+    if not is_hub_id(source):
+        return Path(source), ""
+    try:
+        return Path(snapshot(source).folder), ""
+    except HubError as err:
+        return Path(source), " " + str(err)
 
 
 def resolved_from(strings: set[str]) -> dict[str, dict]:

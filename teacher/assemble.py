@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from common.config import mark_stage_done, parse_cli, stage_is_current, to_dict
-from teacher.build import CheckpointError, SalmonnConfig, model_folder
+from common.hub import local_folder
+from teacher.build import CheckpointError, SalmonnConfig
 from teacher.checkpoint import MODEL_CONFIG, load_model_folder
 
 
@@ -51,11 +52,12 @@ def check_sources(cfg: SalmonnConfig) -> dict[str, Path]:
         if not path:
             raise CheckpointError(f"{key} is empty: set it to {what}")
         # Hub ids (whisper, llm) resolve to their snapshot in the hub cache, whose files are linked like any folder's.
-        source = (model_folder(path, key) if inside else Path(path)).resolve()
+        folder, hub_note = local_folder(path) if inside else (Path(path), "")
+        source = folder.resolve()
         ok = (source / inside).is_file() if inside else source.is_file()
         if not ok:
             raise CheckpointError(f"{key}: {path} is not {what}" + (f" (no {inside})" if inside else "")
-                                  + f"; put it there (see README, 'Real scale') or override {key}=...")
+                                  + f"; put it there (see README, 'Real scale') or override {key}=..." + hub_note)
         sources[name] = source
     return sources
 

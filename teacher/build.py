@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from common.hub import HubError, local_folder
+from common.hub import local_folder
 from teacher.beats import BEATs, BEATsConfig
 from teacher.qformer import QFormerConfig, WindowQFormer
 from teacher.salmonn import PromptConfig, Salmonn
@@ -106,14 +106,6 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing or does not fit the configured architecture."""
 
 
-def model_folder(path: str | Path, key: str) -> Path:
-    """The local folder of a model path from a config (`key` names its field): the path, or a hub id's snapshot."""
-    try:
-        return local_folder(str(path), key)
-    except HubError as err:
-        raise CheckpointError(str(err)) from None
-
-
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF model folder: model.safetensors, sharded safetensors, or pytorch_model.bin."""
     single = folder / "model.safetensors"
@@ -137,9 +129,10 @@ def load_whisper_encoder(path: str | Path) -> WhisperEncoder:
     Only encoder tensors are read; the decoder is never built. Raises CheckpointError naming missing or
     mis-shaped keys.
     """
-    folder = model_folder(path, "whisper.path")
+    folder, hub_note = local_folder(str(path))
     if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: not a Hugging Face Whisper folder (no config.json); check whisper.path")
+        raise CheckpointError(f"{folder}: not a Hugging Face Whisper folder (no config.json); check whisper.path"
+                              + hub_note)
     encoder = WhisperEncoder(WhisperConfig.from_pretrained(folder))
     if getattr(encoder.config, HEADS_KEPT, None):
         keep_whisper_heads(encoder, getattr(encoder.config, HEADS_KEPT))
@@ -215,9 +208,9 @@ def load_tokenizer(cfg: LLMConfig):
     source = cfg.tokenizer or cfg.path
     if not source:
         raise CheckpointError("llm.tokenizer: a fresh LLM needs a tokenizer folder (llm.tokenizer)")
-    folder = model_folder(source, "llm.tokenizer" if cfg.tokenizer else "llm.path")
+    folder, hub_note = local_folder(source)
     if not folder.is_dir():
-        raise CheckpointError(f"{source}: tokenizer folder not found; check llm.tokenizer / llm.path")
+        raise CheckpointError(f"{source}: tokenizer folder not found; check llm.tokenizer / llm.path" + hub_note)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None and cfg.add_pad_token:
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
@@ -245,9 +238,10 @@ def fresh_llm_config(cfg: LLMConfig, tokenizer):
 def build_llm(cfg: LLMConfig, tokenizer) -> nn.Module:
     dtype = DTYPES[cfg.dtype]
     if cfg.path:
-        folder = model_folder(cfg.path, "llm.path")
+        folder, hub_note = local_folder(cfg.path)
         if not (folder / "config.json").is_file():
-            raise CheckpointError(f"{cfg.path}: not a Hugging Face model folder (no config.json); check llm.path")
+            raise CheckpointError(f"{cfg.path}: not a Hugging Face model folder (no config.json); check llm.path"
+                                  + hub_note)
         llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     else:
         llm = AutoModelForCausalLM.from_config(fresh_llm_config(cfg, tokenizer), dtype=dtype)

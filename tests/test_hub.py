@@ -103,6 +103,12 @@ def test_whisper_and_llm_load_from_hub_ids_and_the_commit_is_recorded(hub_cache,
     assert saved["resolved_from"]["lmsys/vicuna-tiny-test@" + COMMIT]["repo"] == "lmsys/vicuna-tiny-test"
     assert load_config(JobConfig, tmp_path / "run" / "config.yaml") == cfg  # the record is not a setting
 
+    from teacher.assemble import check_sources  # the official-layout folder links the snapshot's files
+
+    (tmp_path / "salmonn.pth").write_bytes(b"")
+    cfg.model.beats.enabled, cfg.model.checkpoint = False, str(tmp_path / "salmonn.pth")
+    assert check_sources(cfg.model)["whisper"] == whisper_folder.resolve()
+
 
 def test_a_revision_not_in_the_cache_names_id_cache_and_fix(hub_cache):
     cache_repo(hub_cache, "openai/whisper-tiny-test", write_whisper)
@@ -117,12 +123,32 @@ def test_missing_local_folder_that_looks_like_a_hub_id_names_both_readings(hub_c
     with pytest.raises(CheckpointError) as err:
         load_whisper_encoder("checkpoints/whisper")
     message = str(err.value)
-    assert "whisper.path=checkpoints/whisper" in message
-    assert str(Path("checkpoints/whisper").absolute()) in message  # the local reading
-    assert str(hub_cache) in message  # the hub reading
-    assert "./checkpoints/whisper" in message and "override whisper.path=" in message
-    with pytest.raises(CheckpointError, match="not a Hugging Face Whisper folder"):
-        load_whisper_encoder("./checkpoints/whisper")  # a path only: the old message
+    # The local reading's message as before, then the hub reading's: the cache looked in and the fix.
+    assert message.startswith("checkpoints/whisper: not a Hugging Face Whisper folder (no config.json); "
+                              "check whisper.path Read as a hub model id, checkpoints/whisper at revision main")
+    assert str(hub_cache) in message and "./checkpoints/whisper" in message
+    with pytest.raises(CheckpointError) as err:
+        load_whisper_encoder("./checkpoints/whisper")  # a path only: the old message alone
+    assert str(err.value) == ("checkpoints/whisper: not a Hugging Face Whisper folder (no config.json); "
+                              "check whisper.path")
+
+
+def test_an_unreachable_hub_reads_the_cache_at_once(hub_cache, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    def no_network(self, repo_id, **kwargs):
+        asked.append(repo_id)
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", no_network)
+    cache_repo(hub_cache, "openai/whisper-tiny-test", write_whisper)
+    assert load_whisper_encoder("openai/whisper-tiny-test").config.d_model == 32
+    assert asked == ["openai/whisper-tiny-test"]  # one question, then the cache (no retries, no download)
+    with pytest.raises(CheckpointError, match="the hub is not reachable"):
+        load_whisper_encoder("openai/not-cached")
 
 
 def write_audio_parquet(folder: Path, clips: list[np.ndarray], texts: list[str]) -> None:
