@@ -184,6 +184,8 @@ def test_hub_dataset_reads_offline_with_renamed_columns_and_a_given_task(hub_cac
     durations = [len(load_audio(ex.path, data=ex.audio_bytes)) / 16000 for ex in examples]
     assert durations == [1.0, 2.0, 3.0]  # 8 kHz FLAC decoded at 16 kHz: same seconds
     assert RESOLVED["someone/tiny-speech"].commit == COMMIT
+    only_split = read_examples(["someone/tiny-speech"], ["asr"], "raise", DataReport(), options)
+    assert [ex.text for ex in only_split] == texts  # no `:split` needed when the dataset has one
 
     with pytest.raises(DataError, match="data.hf_columns"):  # the text column has another name
         read_examples(["someone/tiny-speech:test"], ["asr"], "raise", DataReport(), HFDatasetOptions(task="asr"))
@@ -191,3 +193,13 @@ def test_hub_dataset_reads_offline_with_renamed_columns_and_a_given_task(hub_cac
         read_examples(["someone/other-speech:test"], ["asr"], "raise", DataReport(), options)
     with pytest.raises(DataError, match="annotation file not found"):  # .json is always a local annotation file
         read_examples(["data/test.json"], ["asr"], "raise", DataReport(), options)
+
+
+def test_model_downloads_skip_other_frameworks_and_pickles_beside_safetensors():
+    from common.hub import _ignored
+
+    whisper = ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack"]
+    vicuna = ["config.json", "pytorch_model-00001-of-00003.bin", "pytorch_model.bin.index.json", "tokenizer.model"]
+    assert {"*.bin", "*.h5", "*.msgpack"} <= set(_ignored(whisper, "model"))
+    assert "*.bin" not in _ignored(vicuna, "model")  # its only weights
+    assert _ignored(whisper, "dataset") == []  # a dataset repository is data, all of it
