@@ -15,7 +15,10 @@ with `.`, `/` or `~`, nothing exists at it on disk, and it has the hub's `owner/
 
 A hub id resolves through `huggingface_hub.snapshot_download` to a folder of the hub cache (`HF_HUB_CACHE`, else
 `HF_HOME/hub`, read when the call is made): downloaded when the machine is connected, read from the cache with
-`HF_HUB_OFFLINE=1`. The commit it resolved to is kept in `RESOLVED`; `common.config.save_resolved` writes it into
+`HF_HUB_OFFLINE=1` or when one request to the hub gets no answer. Model downloads skip other frameworks' files, and
+pickled weights when safetensors are there. Data sources ending in `.json` / `.jsonl` are always annotation files.
+
+The commit a hub id resolved to is kept in `RESOLVED`; `common.config.save_resolved` writes it into
 the stage's `config.yaml` as `resolved_from`, so `owner/name@<commit>` reruns exactly that snapshot.
 """
 
