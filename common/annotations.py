@@ -1,8 +1,9 @@
-"""Reading datasets: SALMONN annotation JSON and Hugging Face datasets saved with `save_to_disk`.
+"""Reading datasets: SALMONN annotation JSON, Hugging Face datasets saved with `save_to_disk`, and hub datasets.
 
 SALMONN's format is `{"annotation": [{"path": ..., "text": ..., "task": ..., "Q": optional prompt}]}`,
-relative paths resolved against the JSON file's folder. A Hugging Face dataset folder needs columns
-`audio` (an Audio feature or a path string), `text` and `task` (`Q` optional).
+relative paths resolved against the JSON file's folder. A Hugging Face dataset (a folder, or a hub
+id `owner/name[@revision][:split]`, see `common.hub`) needs columns `audio` (an Audio feature or a path string),
+`text` and `task` (`Q` optional); `HFDatasetOptions` maps other column names and gives a task to every row.
 
 Every problem names the file, the entry and the field. With `on_error="skip"` the entry is skipped and
 counted in the `DataReport` instead of stopping the run; nothing is dropped without being counted.
@@ -141,7 +142,24 @@ def read_annotation_json(path: str | Path, tasks: list[str], on_error: str, repo
     return examples
 
 
-def read_hf_dataset(path: str | Path, tasks: list[str], on_error: str, report: DataReport) -> list[Example]:
+@dataclass
+class HFDatasetOptions:
+    """How the rows of a Hugging Face dataset (a `save_to_disk` folder or a hub dataset) become examples."""
+
+    subset: str = ""
+    """The hub dataset's configuration (`load_dataset(..., name=subset)`), e.g. `clean`; empty: its default."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Dataset column for each of smolt's fields `audio`, `text`, `task`, `Q`, where the names differ
+    (e.g. `{text: sentence}`); a field not listed is read from the column of its own name."""
+    task: str = ""
+    """The task of every row, for a dataset without a task column (e.g. `asr` for LibriSpeech)."""
+
+    def column(self, name: str) -> str:
+        return self.columns.get(name, name)
+
+
+def read_hf_dataset(path: str | Path, tasks: list[str], on_error: str, report: DataReport,
+                    options: HFDatasetOptions | None = None) -> list[Example]:
     """Read a dataset saved with `datasets.Dataset.save_to_disk` without decoding audio through `datasets`.
 
     Audio columns are read as raw bytes or paths (datasets' own decoder needs torchcodec, which this torch lacks)
@@ -156,44 +174,104 @@ def read_hf_dataset(path: str | Path, tasks: list[str], on_error: str, report: D
         raise DataError(f"{path}: cannot open as a saved Hugging Face dataset ({err})", "malformed") from None
     if isinstance(ds, datasets.DatasetDict):
         raise DataError(f"{path}: holds a DatasetDict ({list(ds)}); point at one split's folder", "malformed")
-    missing = [c for c in ("audio", "text", "task") if c not in ds.column_names]
+    return _dataset_examples(ds, str(path), path, tasks, on_error, report, options or HFDatasetOptions())
+
+
+def read_hub_dataset(source: str, tasks: list[str], on_error: str, report: DataReport,
+                     options: HFDatasetOptions | None = None) -> list[Example]:
+    """Read a hub dataset `owner/name[@revision][:split]` (see `common.hub`) with `datasets.load_dataset`.
+
+    The repository is resolved to its snapshot in the hub cache first (downloaded when connected, read from the
+    cache with `HF_HUB_OFFLINE=1`; the commit is recorded), then loaded from that folder, so the data read is
+    exactly the recorded commit. Audio is decoded by `common.audio` (16 kHz mono), as for `read_hf_dataset`.
+    """
+    import datasets
+
+    from common.hub import HubError, datasets_cache_dir, snapshot
+
+    options = options or HFDatasetOptions()
+    repo_source, _, split = source.partition(":")
+    try:
+        snap = snapshot(repo_source, repo_type="dataset")
+    except HubError as err:
+        raise DataError(f"{source}: no annotation file or dataset folder there. {err}", "missing_annotation") from None
+    try:
+        ds = datasets.load_dataset(snap.folder, name=options.subset or None, split=split or None,
+                                   cache_dir=datasets_cache_dir())
+    except (OSError, ValueError, KeyError) as err:
+        what = f"split '{split}'" if split else "the dataset"
+        raise DataError(f"{source}: cannot load {what} of hub dataset {snap.repo} (commit {snap.commit}, "
+                        f"subset {options.subset or 'default'}): {err}; check the split after the ':' and "
+                        "data.hf_subset", "malformed") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise DataError(f"{source}: hub dataset {snap.repo} has splits {list(ds)}; name one after a colon, "
+                            f"e.g. {repo_source}:{next(iter(ds))}", "malformed")
+        ds = next(iter(ds.values()))
+    return _dataset_examples(ds, source, Path(snap.folder), tasks, on_error, report, options)
+
+
+def _dataset_examples(ds, name: str, folder: Path, tasks: list[str], on_error: str, report: DataReport,
+                      options: HFDatasetOptions) -> list[Example]:
+    """Examples of one datasets.Dataset (`name` in messages; relative audio paths resolve against `folder`)."""
+    import datasets
+
+    audio_col, text_col, task_col, q_col = (options.column(f) for f in ("audio", "text", "task", "Q"))
+    needed = [audio_col, text_col] + ([] if options.task else [task_col])
+    missing = [c for c in needed if c not in ds.column_names]
     if missing:
-        raise DataError(f"{path}: dataset lacks column(s) {missing}; has {ds.column_names}", "missing_field")
-    if isinstance(ds.features["audio"], datasets.Audio):
-        ds = ds.cast_column("audio", datasets.Audio(decode=False))
-    report.sources.append(str(path))
+        raise DataError(f"{name}: dataset lacks column(s) {missing}; has {ds.column_names}. Map smolt's fields to "
+                        "its columns with data.hf_columns (e.g. data.hf_columns.text=sentence) and give a dataset "
+                        "without a task column its task with data.hf_task=asr", "missing_field")
+    if isinstance(ds.features[audio_col], datasets.Audio):
+        ds = ds.cast_column(audio_col, datasets.Audio(decode=False))
+    report.sources.append(name)
     examples = []
     for i, row in enumerate(ds):
-        where = f"{path}: row {i}"
+        where = f"{name}: row {i}"
         report.entries += 1
-        audio = row["audio"]
+        audio = row[audio_col]
         try:
             if isinstance(audio, dict):
                 data, audio_path = audio.get("bytes"), audio.get("path")
             elif isinstance(audio, str):
                 data, audio_path = None, audio
             else:
-                raise DataError(f"{where}: column 'audio' must be an Audio feature or a path", "wrong_type")
-            fields = {"path": audio_path or f"{path}[{i}]", "text": row["text"], "task": row["task"]}
-            if row.get("Q") is not None:
-                fields["Q"] = row["Q"]
+                raise DataError(f"{where}: column '{audio_col}' must be an Audio feature or a path", "wrong_type")
+            task = row[task_col] if task_col in row else options.task
+            fields = {"path": audio_path or f"{name}[{i}]", "text": row[text_col], "task": task}
+            if row.get(q_col) is not None:
+                fields["Q"] = row[q_col]
             audio_path, text, task, prompt = _check_entry(fields, where, tasks)
         except DataError as err:
             if on_error != "skip":
                 raise
-            report.skip(err, f"{path}[{i}]")
+            report.skip(err, f"{name}[{i}]")
             continue
         if data is None and not Path(audio_path).is_absolute():
-            audio_path = str(path / audio_path)
-        name = audio_path if data is None else f"{path}[{i}]"
-        examples.append(Example(name, text, task, prompt, source=f"{path}[{i}]", audio_bytes=data))
+            audio_path = str(folder / audio_path)
+        clip = audio_path if data is None else f"{name}[{i}]"
+        examples.append(Example(clip, text, task, prompt, source=f"{name}[{i}]", audio_bytes=data))
     return examples
 
 
-def read_examples(sources: list[str], tasks: list[str], on_error: str, report: DataReport) -> list[Example]:
-    """Read every source (annotation JSON file, or HF dataset folder) into one list of examples."""
+def is_hub_dataset(source: str) -> bool:
+    """A data source names a hub dataset (`common.hub` rule; `.json` / `.jsonl` names are annotation files)."""
+    from common.hub import is_hub_id
+
+    repo = source.partition(":")[0]
+    return not source.endswith((".json", ".jsonl")) and not Path(source).exists() and is_hub_id(repo)
+
+
+def read_examples(sources: list[str], tasks: list[str], on_error: str, report: DataReport,
+                  options: HFDatasetOptions | None = None) -> list[Example]:
+    """Read every source (annotation JSON file, HF dataset folder, or hub dataset id) into one list of examples."""
     examples = []
     for source in sources:
-        reader = read_hf_dataset if Path(source).is_dir() else read_annotation_json
-        examples.extend(reader(source, tasks, on_error, report))
+        if Path(source).is_dir():
+            examples.extend(read_hf_dataset(source, tasks, on_error, report, options))
+        elif is_hub_dataset(source):
+            examples.extend(read_hub_dataset(source, tasks, on_error, report, options))
+        else:
+            examples.extend(read_annotation_json(source, tasks, on_error, report))
     return examples

@@ -9,6 +9,7 @@ output so a run can be reproduced and stages can be skipped when nothing changed
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from common.hub import resolved_from
 
 T = TypeVar("T")
 
@@ -208,6 +211,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
     job = data.pop("job", None)
+    data.pop(RESOLVED_FROM, None)  # a saved config's record of hub commits, not a setting
     if job is not None and job != job_name(cls):
         raise ConfigError(f"{source}: 'job: {job}' is a config for another job than {cls.__module__}")
     data = apply_overrides(data, list(overrides), cls)
@@ -224,14 +228,18 @@ def load_job_config(path: str | Path, overrides: list[str] = ()) -> Any:
 
 def added_option(default: Any) -> Any:
     """A dataclass field for an option added after stages were run: at its default (the old behaviour) it is left
-    out of `config_hash`, so finished stages stay current; any other value enters the hash as usual."""
-    return dataclasses.field(default=default, metadata={"hash": "omit_at_default"})
+    out of `config_hash`, so finished stages stay current; any other value enters the hash as usual. A mutable
+    default (a dict, a list) is copied for every instance."""
+    metadata = {"hash": "omit_at_default", "default": default}
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _hashed(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: _hashed(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if not (f.metadata.get("hash") == "omit_at_default" and getattr(obj, f.name) == f.default)}
+                if not (f.metadata.get("hash") == "omit_at_default" and getattr(obj, f.name) == f.metadata["default"])}
     if isinstance(obj, (list, tuple)):
         return [_hashed(v) for v in obj]
     if isinstance(obj, dict):
@@ -245,11 +253,28 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+RESOLVED_FROM = "resolved_from"
+"""Top-level key of a saved config: the hub snapshot (repository, commit, cache folder) of every hub id in it. A
+record only: loading the config again ignores it (pin a commit with `key=owner/name@<commit>`)."""
+
+
+def _strings(data: Any) -> set[str]:
+    """Every string value in a nested dict/list, and a dataset source's id without its `:split`."""
+    if isinstance(data, dict):
+        return set().union(*(_strings(v) for v in data.values()))
+    if isinstance(data, list):
+        return set().union(*(_strings(v) for v in data))
+    return {data, data.partition(":")[0]} if isinstance(data, str) else set()
+
+
 def save_resolved(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> Path:
     """Write the resolved config beside a stage's outputs (YAML, with the job module and hash)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {"job": job_name(type(cfg)), **to_dict(cfg)}
+    hub = resolved_from(_strings(data))
+    if hub:
+        data[RESOLVED_FROM] = hub
     path = out_dir / name
     tmp = path.with_suffix(".tmp")
     tmp.write_text(f"# resolved config, hash {config_hash(cfg)}\n" + yaml.safe_dump(data, sort_keys=False))

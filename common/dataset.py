@@ -18,8 +18,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
-from common.annotations import DataError, DataReport, Example, read_examples
+from common.annotations import DataError, DataReport, Example, HFDatasetOptions, read_examples
 from common.audio import SAMPLE_RATE, AudioError, load_audio, peak_dbfs
+from common.config import added_option
 from common.features import AudioFeaturizer, FeatureConfig
 
 ENCODER_OUTPUTS = ("speech_encoder_out", "audio_encoder_out")
@@ -37,7 +38,8 @@ class DataConfig:
     """Where the data is and which clips are used."""
 
     train: list[str] = field(default_factory=list)
-    """Annotation JSON files or saved HF dataset folders for training."""
+    """Annotation JSON files, saved HF dataset folders, or hub datasets `owner/name[@revision][:split]` (`common.hub`)
+    for training."""
     valid: list[str] = field(default_factory=list)
     test: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=lambda: ["asr", "audiocaption"])
@@ -60,6 +62,16 @@ class DataConfig:
     its captions. For short runs whose per-clip work (e.g. cached encoder outputs) should not cover the whole split."""
     bucket_pool_batches: int = 50
     """Duration bucketing sorts pools of this many batches by length; 1 gives random batches."""
+    hf_subset: str = added_option("")
+    """Hub datasets: the configuration (`load_dataset`'s `name`), e.g. `clean`; empty: the dataset's default."""
+    hf_columns: dict[str, str] = added_option({})
+    """HF datasets (folders and hub ids): the column holding each of smolt's fields `audio`, `text`, `task`, `Q`
+    where its name differs, e.g. `{text: sentence}`."""
+    hf_task: str = added_option("")
+    """HF datasets without a task column: the task of every row (e.g. `asr`)."""
+
+    def hf_options(self) -> HFDatasetOptions:
+        return HFDatasetOptions(self.hf_subset, dict(self.hf_columns), self.hf_task)
 
 
 def _drop_reason(wav: np.ndarray, cfg: DataConfig) -> str | None:
@@ -130,7 +142,7 @@ class AudioTextDataset(Dataset):
         report = DataReport()
         if not sources:
             raise DataError("no data sources given: set data.train / data.valid / data.test", "no_sources")
-        examples = read_examples(sources, data_cfg.tasks, data_cfg.on_error, report)
+        examples = read_examples(sources, data_cfg.tasks, data_cfg.on_error, report, data_cfg.hf_options())
         if data_cfg.max_captions_per_clip:
             examples = _cap_captions(examples, data_cfg.max_captions_per_clip, report)
         if data_cfg.max_clips_per_task:

@@ -64,7 +64,8 @@ def constant_transcript(train, test) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_cli(JobConfig, argv)
-    read = lambda sources: read_examples(sources, cfg.data.tasks, cfg.data.on_error, DataReport())
+    read = lambda sources: read_examples(sources, cfg.data.tasks, cfg.data.on_error, DataReport(),
+                                           cfg.data.hf_options())
     train, valid, test = read(cfg.data.train), read(cfg.data.valid), read(cfg.data.test)
     results = {"audiocaption": constant_caption(train, valid, test, cfg.candidates),
                "asr": constant_transcript(train, test)}

@@ -3,7 +3,8 @@
 A checkpoint path in a config is read for its architecture when it is on disk (an HF folder's `config.json` and
 tokenizer, a BEATs `.pt`'s `cfg`). Before the checkpoints are downloaded, the path's last component names one of the
 published configurations below: the presets' default folder and file names are the Hugging Face repository names
-and the official BEATs file name, so `checkpoints/vicuna-13b-v1.1` means lmsys/vicuna-13b-v1.1's `config.json`.
+and the official BEATs file name, so `checkpoints/vicuna-13b-v1.1` (or the hub id `lmsys/vicuna-13b-v1.1`, which is
+not downloaded for an estimate) means lmsys/vicuna-13b-v1.1's `config.json`.
 
 The modules are the ones `teacher.build` builds (transformers' WhisperEncoder and causal LMs, `teacher.beats.BEATs`,
 `teacher.qformer.WindowQFormer`, peft's LoRA), under the same attribute names as `teacher.salmonn.Salmonn`, so
@@ -23,6 +24,7 @@ from torch import nn
 from transformers import AutoConfig, Gemma2Config, LlamaConfig, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from common.hub import parse_hub_id
 from teacher.beats import BEATs, BEATsConfig
 from teacher.build import (
     BeatsEncoderConfig,
@@ -95,15 +97,22 @@ def _unknown(where: str, path: str, known: dict) -> ArchitectureError:
                              "of those names")
 
 
+def release_name(path: str) -> str:
+    """The release a model path names: a folder's last component, or a hub id's repository name (`openai/whisper-
+    large-v2@main` → `whisper-large-v2`). A hub id is not downloaded to be estimated."""
+    hub = parse_hub_id(path)
+    return hub[0].split("/")[1] if hub else Path(path).name
+
+
 def whisper_config(cfg: WhisperEncoderConfig, where: str = "whisper.path") -> WhisperConfig:
     """Whisper's architecture: the folder's config.json, a known release by folder name, or the config's fields."""
     if cfg.path:
         folder = Path(cfg.path)
         if (folder / "config.json").is_file():
             return WhisperConfig.from_pretrained(folder)
-        if folder.name not in WHISPER:
+        if release_name(cfg.path) not in WHISPER:
             raise _unknown(where, cfg.path, WHISPER)
-        return WhisperConfig(**WHISPER[folder.name])
+        return WhisperConfig(**WHISPER[release_name(cfg.path)])
     return WhisperConfig(d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
                          encoder_attention_heads=cfg.encoder_attention_heads, encoder_ffn_dim=cfg.encoder_ffn_dim,
                          num_mel_bins=cfg.num_mel_bins, max_source_positions=cfg.max_source_positions)
@@ -131,7 +140,7 @@ def llm_config(cfg: LLMConfig, where: str = "llm.path"):
         config = AutoConfig.from_pretrained(cfg.path)
         tokens = len(load_tokenizer(cfg))
     elif cfg.path:
-        name = Path(cfg.path).name
+        name = release_name(cfg.path)
         if name not in LLMS:
             raise _unknown(where, cfg.path, LLMS)
         known = LLMS[name]

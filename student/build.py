@@ -26,6 +26,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from common.bpe import train_bpe
 from common.config import from_dict, read_yaml, to_dict
+from common.hub import is_hub_id
 from student.token_pruning import PrunedBEATs, TokenPruningConfig
 from teacher.build import (
     LLMConfig,
@@ -98,8 +99,8 @@ def distill_whisper_encoder(teacher: WhisperEncoder, layers: list[int]) -> Whisp
 def ensure_student_tokenizer(cfg: StudentConfig, texts: list[str]) -> None:
     """Train and save the fresh student LLM's BPE (on the training texts and the prompt strings) if missing."""
     llm = cfg.llm
-    if llm.path or (llm.tokenizer and Path(llm.tokenizer, "tokenizer.json").is_file()):
-        return
+    if llm.path or (llm.tokenizer and (Path(llm.tokenizer, "tokenizer.json").is_file() or is_hub_id(llm.tokenizer))):
+        return  # a trained one, or a hub tokenizer (common.hub)
     if not llm.tokenizer:
         raise SystemExit("config error: student.llm.tokenizer must name a folder for the fresh LLM's tokenizer")
     train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.style).save_pretrained(llm.tokenizer)

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from common.config import mark_stage_done, parse_cli, stage_is_current, to_dict
+from common.hub import local_folder
 from teacher.build import CheckpointError, SalmonnConfig
 from teacher.checkpoint import MODEL_CONFIG, load_model_folder
 
@@ -39,7 +40,8 @@ class JobConfig:
 
 
 def check_sources(cfg: SalmonnConfig) -> dict[str, Path]:
-    """The four sources as absolute paths; a missing one stops the run naming its key and what belongs there."""
+    """The four sources as absolute paths (Whisper and the LLM may be hub ids); a missing one stops the run naming
+    its key and what belongs there."""
     wanted = {"whisper": (cfg.whisper.path, "model.whisper.path", "a Hugging Face Whisper folder", "config.json"),
               "llm": (cfg.llm.path, "model.llm.path", "a Hugging Face LLM folder with its tokenizer", "config.json"),
               "checkpoint": (cfg.checkpoint, "model.checkpoint", "the SALMONN .pth release", None)}
@@ -49,11 +51,13 @@ def check_sources(cfg: SalmonnConfig) -> dict[str, Path]:
     for name, (path, key, what, inside) in wanted.items():
         if not path:
             raise CheckpointError(f"{key} is empty: set it to {what}")
-        source = Path(path).resolve()
+        # Hub ids (whisper, llm) resolve to their snapshot in the hub cache, whose files are linked like any folder's.
+        folder, hub_note = local_folder(path) if inside else (Path(path), "")
+        source = folder.resolve()
         ok = (source / inside).is_file() if inside else source.is_file()
         if not ok:
             raise CheckpointError(f"{key}: {path} is not {what}" + (f" (no {inside})" if inside else "")
-                                  + f"; put it there (see README, 'Real scale') or override {key}=...")
+                                  + f"; put it there (see README, 'Real scale') or override {key}=..." + hub_note)
         sources[name] = source
     return sources
 

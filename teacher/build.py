@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from common.hub import local_folder
 from teacher.beats import BEATs, BEATsConfig
 from teacher.qformer import QFormerConfig, WindowQFormer
 from teacher.salmonn import PromptConfig, Salmonn
@@ -29,7 +30,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclass
 class WhisperEncoderConfig:
     path: str = ""
-    """Hugging Face Whisper folder (config.json + safetensors/bin); empty builds a fresh encoder from the fields."""
+    """Hugging Face Whisper folder (config.json + safetensors/bin) or hub id (`openai/whisper-large-v2[@revision]`,
+    see `common.hub`); empty builds a fresh encoder from the fields."""
     d_model: int = 1280
     encoder_layers: int = 32
     encoder_attention_heads: int = 20
@@ -56,9 +58,10 @@ class BeatsEncoderConfig:
 @dataclass
 class LLMConfig:
     path: str = ""
-    """Hugging Face causal-LM folder (with its tokenizer); empty builds a fresh model from the fields below."""
+    """Hugging Face causal-LM folder (with its tokenizer) or hub id (`lmsys/vicuna-13b-v1.1[@revision]`, see
+    `common.hub`); empty builds a fresh model from the fields below."""
     tokenizer: str = ""
-    """Tokenizer folder, when it is not inside `path` (always needed for a fresh model)."""
+    """Tokenizer folder or hub id, when it is not inside `path` (always needed for a fresh model)."""
     architecture: Literal["llama", "gemma2"] = "llama"
     hidden_size: int = 256
     intermediate_size: int = 688
@@ -126,9 +129,10 @@ def load_whisper_encoder(path: str | Path) -> WhisperEncoder:
     Only encoder tensors are read; the decoder is never built. Raises CheckpointError naming missing or
     mis-shaped keys.
     """
-    folder = Path(path)
+    folder, hub_note = local_folder(str(path))
     if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: not a Hugging Face Whisper folder (no config.json); check whisper.path")
+        raise CheckpointError(f"{folder}: not a Hugging Face Whisper folder (no config.json); check whisper.path"
+                              + hub_note)
     encoder = WhisperEncoder(WhisperConfig.from_pretrained(folder))
     if getattr(encoder.config, HEADS_KEPT, None):
         keep_whisper_heads(encoder, getattr(encoder.config, HEADS_KEPT))
@@ -204,9 +208,10 @@ def load_tokenizer(cfg: LLMConfig):
     source = cfg.tokenizer or cfg.path
     if not source:
         raise CheckpointError("llm.tokenizer: a fresh LLM needs a tokenizer folder (llm.tokenizer)")
-    if not Path(source).is_dir():
-        raise CheckpointError(f"{source}: tokenizer folder not found; check llm.tokenizer / llm.path")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    folder, hub_note = local_folder(source)
+    if not folder.is_dir():
+        raise CheckpointError(f"{source}: tokenizer folder not found; check llm.tokenizer / llm.path" + hub_note)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None and cfg.add_pad_token:
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     tokenizer.padding_side = "right"
@@ -233,9 +238,11 @@ def fresh_llm_config(cfg: LLMConfig, tokenizer):
 def build_llm(cfg: LLMConfig, tokenizer) -> nn.Module:
     dtype = DTYPES[cfg.dtype]
     if cfg.path:
-        if not (Path(cfg.path) / "config.json").is_file():
-            raise CheckpointError(f"{cfg.path}: not a Hugging Face model folder (no config.json); check llm.path")
-        llm = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+        folder, hub_note = local_folder(cfg.path)
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{cfg.path}: not a Hugging Face model folder (no config.json); check llm.path"
+                                  + hub_note)
+        llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     else:
         llm = AutoModelForCausalLM.from_config(fresh_llm_config(cfg, tokenizer), dtype=dtype)
     old = llm.get_input_embeddings().weight.shape[0]

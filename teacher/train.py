@@ -26,6 +26,7 @@ from common.config import config_hash, mark_stage_done, parse_cli, save_resolved
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig, DurationBucketSampler
 from common.feature_store import with_encoder_outputs, with_feature_store
 from common.features import FeatureConfig
+from common.hub import is_hub_id
 from common.tracking import MetricLogger
 from common.training import LoopConfig, OptimConfig, fit, seed_everything
 from teacher.build import SalmonnConfig, apply_lora, build_llm, build_salmonn
@@ -145,8 +146,8 @@ def load_split(cfg: JobConfig, split: str):
 def ensure_tokenizer(cfg: JobConfig, train) -> None:
     """Train and save the BPE tokenizer of a fresh LLM, on the training texts and every prompt string."""
     llm = cfg.model.llm
-    if llm.path or (llm.tokenizer and Path(llm.tokenizer, "tokenizer.json").is_file()):
-        return
+    if llm.path or (llm.tokenizer and (Path(llm.tokenizer, "tokenizer.json").is_file() or is_hub_id(llm.tokenizer))):
+        return  # a trained one, or a hub tokenizer (common.hub)
     if not llm.tokenizer:
         raise SystemExit("config error: model.llm.tokenizer must name a folder for the fresh LLM's tokenizer")
     template = cfg.model.prompt.template.format(cfg.model.prompt.audio_wrapper + "x")
