@@ -3,8 +3,17 @@ accelerate configs, against one process that sees the same global batch.
 
 Two processes with `loop.batch_size=2` take alternate batches of the sampler; one process with `loop.batch_size=2,
 loop.grad_accum=2` takes the same two batches per step. Both average the two batch means, so every step's loss,
-gradient norm and the trained weights must agree up to float32 reduction order (observed: ~1e-7 relative; the
-tolerance below is 1e-5).
+gradient norm and the trained weights must agree up to float32 reduction order: two ranks sum gradients (and the
+clipping norm) in another order than one process, and DeepSpeed's AdamW steps one flat partition rather than each
+tensor, so weights after a step differ in the last bits of each update. Observed: ~1e-7 relative on one CPU, 1.6e-5
+on another (AMD EPYC, no AVX-512) for `train/feature` at step 3 (below).
+
+Tolerances: 1e-5 relative for every logged term, and for the feature term also 1e-6 absolute. That term is
+MSE + (1 − cos) of O(1) Q-Former vectors that nearly agree (~1e-3), a small difference of O(1) float32 numbers: its
+absolute resolution is that of the O(1) operands (float32 epsilon 1.2e-7, a few roundings in the reductions), not
+of its own size, so a last-bit change of the weights moves it by ~1e-8 absolute, which is 1e-5 relative of 1e-3.
+A real divergence (a wrong batch, a lost gradient) changes the weights by the size of an update, not its last bits,
+and the other terms, held to 1e-5 relative, see it too.
 """
 
 import json
@@ -29,6 +38,7 @@ from teacher.cache import main as cache_main
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
+FEATURE_ATOL = 1e-6  # see the module docstring: the feature term's absolute float32 resolution
 
 # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel (about 70 s on a cold cache) when it
 # initialises; gloo does the same collectives, so the tests leave the kernel out.
@@ -97,7 +107,8 @@ def assert_same_run(records: list[dict], reference: list[dict]) -> None:
     assert [r["step"] for r in records] == [r["step"] for r in reference]
     for got, want in zip(records, reference, strict=True):
         for key in ("train/loss", "train/ce", "train/kd", "train/feature", "train/grad_norm", "train/lr"):
-            assert got[key] == pytest.approx(want[key], rel=RTOL), (got["step"], key)
+            atol = FEATURE_ATOL if key == "train/feature" else 0.0
+            assert got[key] == pytest.approx(want[key], rel=RTOL, abs=atol), (got["step"], key)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
