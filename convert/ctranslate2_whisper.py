@@ -31,6 +31,11 @@ int8 / int16 weights (`ct2 --quantization int8...`) are dequantized with their `
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
 import json
 import re
@@ -41,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import run
 from convert import ConversionError
 from convert.ctranslate2_bin import Ct2Weights, read_model_bin
 
@@ -450,4 +456,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

@@ -14,6 +14,11 @@ bf16 model (the rounding is permanent).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
 import shutil
 import sys
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import run
 from convert import ConversionError
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -139,4 +145,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

@@ -11,6 +11,11 @@ drift cancels; the printed ratio (median cached-KD step / median CE-only step) i
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
 import dataclasses
 import statistics
@@ -18,6 +23,7 @@ import time
 
 import torch
 
+from common.cli import run
 from common.config import load_config
 from common.dataset import AudioTextCollator, DurationBucketSampler
 from distill.train import JobConfig as DistillConfig
@@ -77,4 +83,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,6 +10,11 @@ to `comparison.json`: on a noisy CPU only ratios taken in one run mean something
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import importlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -21,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from common.audio import SAMPLE_RATE, load_audio
+from common.cli import run
 from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
 from common.device import InferenceDtype, place_for_inference
@@ -30,8 +36,14 @@ from evaluation.asr_metrics import NORMALIZER_NAME, asr_scores
 from evaluation.caption_metrics import caption_scores
 from evaluation.efficiency import EfficiencyConfig, compare, ratios, release_memory
 from evaluation.interface import AudioLanguageModel
-from evaluation.results import (QUALITY_KEYS, build_results, efficiency_metrics, format_summary, load_results,
-                                write_results)
+from evaluation.results import (
+    QUALITY_KEYS,
+    build_results,
+    efficiency_metrics,
+    format_summary,
+    load_results,
+    write_results,
+)
 
 
 @dataclass
@@ -306,4 +318,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
