@@ -136,7 +136,7 @@ class AudioTextDataset(Dataset):
         if data_cfg.max_clips_per_task:
             examples = _first_clips(examples, data_cfg.max_clips_per_task, report)
         kept, durations = [], []
-        for ex in tqdm(examples, desc=desc, unit="clip", leave=False):
+        for ex in tqdm(examples, desc=desc, unit="clip", leave=False, disable=None):
             try:
                 wav = load_audio(ex.path, data=ex.audio_bytes)
             except AudioError as err:

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "DONE").unlink(missing_ok=True)  # an interrupted rebuild then resumes instead of starting over
     pending = writer.pending_shards()
     print(f"{len(pending)} of {writer.num_shards} shards to compute")
-    for shard in tqdm(pending, desc="cache shards", unit="shard"):
+    for shard in tqdm(pending, desc="cache shards", unit="shard", disable=None):
         generator = torch.Generator(model.device).manual_seed(cfg.seed + shard.index)
         indices = list(shard.sample_indices)
         samples = []
