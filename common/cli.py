@@ -73,6 +73,8 @@ class Key:
     type: str
     default: str
     doc: str
+    literal: bool = True
+    """Whether `default` is the value itself (in YAML spelling), not a Python expression that computes it."""
 
 
 def _is_dataclass_def(node: ast.ClassDef) -> bool:
@@ -127,19 +129,19 @@ def _docstring_after(body: list[ast.stmt], i: int) -> str:
     return ""
 
 
-def _as_yaml(source: str) -> str:
-    """A literal default as one would write it in YAML or a `key=value` override; other expressions as written."""
-    if source in ("list()", "tuple()"):
-        return "[]"
-    if source == "dict()":
-        return "{}"
+def _as_yaml(source: str) -> tuple[str, bool]:
+    """(a literal default as one would write it in YAML or a `key=value` override, True), or (any other expression
+    as written, False)."""
+    empty = {"list()": "[]", "tuple()": "[]", "dict()": "{}"}
+    if source in empty:
+        return empty[source], True
     try:
         value = ast.literal_eval(source)
     except (ValueError, SyntaxError):
-        return source
+        return source, False
     if isinstance(value, str) and value and value.strip() == value and value.isprintable() and ": " not in value:
-        return value
-    return json.dumps(list(value) if isinstance(value, tuple) else value)
+        return value, True
+    return json.dumps(list(value) if isinstance(value, tuple) else value), True
 
 
 def _default(value: ast.expr | None) -> tuple[str, ast.expr | None]:
@@ -175,13 +177,13 @@ def _class_keys(sources: _Sources, path: Path, cls: ast.ClassDef, prefix: str, o
         if isinstance(node.value, ast.Call) and any(kw.arg == "init" for kw in node.value.keywords):
             continue  # field(init=False): not a config key
         default, builder = _default(node.value)
-        default = _as_yaml(overrides.get(name, default))
+        default, literal = _as_yaml(overrides.get(name, default))
         nested = sources.find_class(path, annotation) if annotation.isidentifier() else None
         if nested is not None and _is_dataclass_def(nested[1]):
             inner = {kw.arg: ast.unparse(kw.value) for kw in builder.keywords if kw.arg} if builder else {}
             keys += _class_keys(sources, *nested, f"{prefix}{name}.", inner)
         else:
-            keys.append(Key(prefix + name, annotation, default, _docstring_after(cls.body, i)))
+            keys.append(Key(prefix + name, annotation, default, _docstring_after(cls.body, i), literal))
     # A dataclass may redefine a base's field; the last definition is the one that counts.
     return list({key.name: key for key in keys}.values())
 

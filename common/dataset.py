@@ -141,7 +141,8 @@ class AudioTextDataset(Dataset):
                 wav = load_audio(ex.path, data=ex.audio_bytes)
             except AudioError as err:
                 if data_cfg.on_error != "skip":
-                    raise DataError(f"{ex.source}: {err}", err.reason) from None
+                    raise DataError(f"{ex.source}: {err} — fix or remove the entry, or set data.on_error=skip to "
+                                    "skip (and count) clips that cannot be read", err.reason) from None
                 report.skip(DataError(str(err), err.reason), ex.source)
                 continue
             reason = _drop_reason(wav, data_cfg)
