@@ -438,7 +438,7 @@ def convert_ct2_whisper(model_dir: str | Path, out_dir: str | Path, dtype: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m convert.ctranslate2_whisper", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True, help="CTranslate2 Whisper folder (model.bin, config.json, "
                         "vocabulary, tokenizer.json)")
     parser.add_argument("--out", required=True, help="Hugging Face folder to write")

@@ -127,7 +127,7 @@ def convert_gguf_llm(gguf_file: str | Path, out_dir: str | Path, dtype: str = "f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m convert.gguf_llm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gguf", required=True, help="GGUF file of a causal LM (LLaMA family, ...)")
     parser.add_argument("--out", required=True, help="Hugging Face folder to write")
     parser.add_argument("--dtype", default="float32", choices=sorted(OUT_DTYPES),

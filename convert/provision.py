@@ -307,7 +307,7 @@ def check(source: WeightSource, out: Path, toy_root: Path = Path("data/toy")) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m convert.provision", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where the converted folders go")
     parser.add_argument("--only", nargs="+", choices=sorted(WEIGHTS), help="provision only these weights")
     parser.add_argument("--force", action="store_true", help="redo folders that are already up to date")

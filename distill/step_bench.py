@@ -47,7 +47,7 @@ def _epoch(sampler, epoch: int) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m distill.step_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a distill.train YAML (configs/toy/distill.yaml)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant, after 2 warm-up steps")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
