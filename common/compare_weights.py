@@ -11,13 +11,19 @@ deterministic (the same config and seed give the same student) before reusing a 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from common.cli import run
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -67,4 +73,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

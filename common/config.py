@@ -283,23 +283,30 @@ def save_resolved(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> P
 
 
 def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = "") -> tuple[T, bool]:
-    """Standard job entry point: `python -m <job> [--config FILE] [--force] [key=value ...]`.
+    """Standard job entry point: `python -m <job> --config FILE [--force] [--print-config] [key=value ...]`.
 
-    Returns the config and whether `--force` (rerun even if the output is up to date) was given.
+    Returns the config and whether `--force` (rerun even if the output is up to date) was given. On the command
+    line (`argv` None) `--config` is required, so that a job never runs on defaults nobody chose; a Python caller
+    passing `argv` may leave it out and start from the dataclass defaults. `--print-config` prints the resolved
+    YAML and exits 0. `--help` lists every config key (see `common.cli`).
     """
-    import argparse
     import sys
 
-    parser = argparse.ArgumentParser(description=description or cls.__doc__)
-    parser.add_argument("--config", help="YAML config for this job (configs/...)")
-    parser.add_argument("--force", action="store_true", help="rerun even if the outputs exist for this config")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, nested keys dotted (train.lr=1e-4)")
+    from common.cli import job_parser
+
+    job = job_name(cls)
+    source = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    parser = job_parser(job, source, cls.__name__, description=description, config_required=argv is None)
     args = parser.parse_args(argv)
     try:
-        return load_config(cls, args.config, args.overrides), args.force
+        cfg = load_config(cls, args.config, args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.print_config:
+        print(yaml.safe_dump({"job": job, **to_dict(cfg)}, sort_keys=False), end="")
+        raise SystemExit(0)
+    return cfg, args.force
 
 
 def file_stamps(path: str | Path) -> list[tuple[str, int, int]]:

@@ -148,12 +148,13 @@ class AudioTextDataset(Dataset):
         if data_cfg.max_clips_per_task:
             examples = _first_clips(examples, data_cfg.max_clips_per_task, report)
         kept, durations = [], []
-        for ex in tqdm(examples, desc=desc, unit="clip", leave=False):
+        for ex in tqdm(examples, desc=desc, unit="clip", leave=False, disable=None):
             try:
                 wav = load_audio(ex.path, data=ex.audio_bytes)
             except AudioError as err:
                 if data_cfg.on_error != "skip":
-                    raise DataError(f"{ex.source}: {err}", err.reason) from None
+                    raise DataError(f"{ex.source}: {err} — fix or remove the entry, or set data.on_error=skip to "
+                                    "skip (and count) clips that cannot be read", err.reason) from None
                 report.skip(DataError(str(err), err.reason), ex.source)
                 continue
             reason = _drop_reason(wav, data_cfg)

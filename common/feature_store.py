@@ -76,7 +76,7 @@ def build_store(dataset: AudioTextDataset, feature_cfg: FeatureConfig, path: Pat
     ctx = get_context("fork")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(feature_cfg,)) as pool:
         for item in tqdm(pool.imap(_featurize, jobs, chunksize=16), total=len(jobs), desc=f"features {path.name}",
-                         unit="clip"):
+                         unit="clip", disable=None):  # None: no bar when stderr is not a terminal (a log file)
             mels.append(item["mel"].half())
             if "fbank" in item:
                 fbanks.append(item["fbank"].half())
@@ -206,7 +206,8 @@ def build_encoder_store(dataset, encode: Callable[[dict], dict[str, list[torch.T
     order = sorted(range(len(unique)), key=lambda row: dataset.durations[first[row]])
     collate = AudioTextCollator()
     outputs: dict[str, list] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc=f"encoder outputs {path.name}", unit="batch"):
+    for start in tqdm(range(0, len(order), batch_size), desc=f"encoder outputs {path.name}", unit="batch",
+                      disable=None):
         rows = order[start : start + batch_size]
         batch = collate([dataset[first[row]] for row in rows])
         for key, tensors in encode(batch).items():

@@ -487,7 +487,7 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
     params = [p for p in model.parameters() if p.requires_grad]
     batches = _batches_from(sampler, state)
     bar = tqdm(total=loop.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not main)
+               disable=None if main else True)  # None: no bar when stderr is not a terminal
     window = {"tokens": 0, "time": time.time()}
     while state.step < loop.max_steps:
         model.train()

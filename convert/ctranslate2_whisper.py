@@ -31,6 +31,11 @@ int8 / int16 weights (`ct2 --quantization int8...`) are dequantized with their `
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
 import json
 import re
@@ -41,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import run
 from convert import ConversionError
 from convert.ctranslate2_bin import Ct2Weights, read_model_bin
 
@@ -432,7 +438,7 @@ def convert_ct2_whisper(model_dir: str | Path, out_dir: str | Path, dtype: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m convert.ctranslate2_whisper", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True, help="CTranslate2 Whisper folder (model.bin, config.json, "
                         "vocabulary, tokenizer.json)")
     parser.add_argument("--out", required=True, help="Hugging Face folder to write")
@@ -450,4 +456,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

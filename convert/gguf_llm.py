@@ -14,6 +14,11 @@ bf16 model (the rounding is permanent).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
 import shutil
 import sys
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import run
 from convert import ConversionError
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -121,7 +127,7 @@ def convert_gguf_llm(gguf_file: str | Path, out_dir: str | Path, dtype: str = "f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m convert.gguf_llm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gguf", required=True, help="GGUF file of a causal LM (LLaMA family, ...)")
     parser.add_argument("--out", required=True, help="Hugging Face folder to write")
     parser.add_argument("--dtype", default="float32", choices=sorted(OUT_DTYPES),
@@ -139,4 +145,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

@@ -14,6 +14,11 @@ skipped; `--force` redoes it. The wheels stay in `<root>/downloads/` (safe to de
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
 import hashlib
 import json
@@ -26,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common.cli import run
 from convert import ConversionError
 
 DEFAULT_ROOT = Path("checkpoints/mini")
@@ -301,7 +307,7 @@ def check(source: WeightSource, out: Path, toy_root: Path = Path("data/toy")) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m convert.provision", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where the converted folders go")
     parser.add_argument("--only", nargs="+", choices=sorted(WEIGHTS), help="provision only these weights")
     parser.add_argument("--force", action="store_true", help="redo folders that are already up to date")
@@ -324,4 +330,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

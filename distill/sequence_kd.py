@@ -10,14 +10,19 @@ It is the baseline that token-level logit KD must beat; across tokenizers it nee
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from common.cli import run
 from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import AudioTextDataset, DataConfig
 from common.feature_store import with_feature_store
@@ -96,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

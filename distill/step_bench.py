@@ -11,6 +11,11 @@ drift cancels; the printed ratio (median cached-KD step / median CE-only step) i
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
 import dataclasses
 import statistics
@@ -18,6 +23,7 @@ import time
 
 import torch
 
+from common.cli import run
 from common.config import load_config
 from common.dataset import AudioTextCollator, DurationBucketSampler
 from distill.train import JobConfig as DistillConfig
@@ -41,7 +47,7 @@ def _epoch(sampler, epoch: int) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m distill.step_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a distill.train YAML (configs/toy/distill.yaml)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant, after 2 warm-up steps")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -77,4 +83,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

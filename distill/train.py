@@ -15,9 +15,13 @@ Every term is logged apart (`train/ce`, `train/kd`, `train/feature`, ...).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import dataclasses
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,6 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from common.cli import run
 from common.config import (
     added_option,
     from_dict,
@@ -479,4 +484,4 @@ def _before_step(distiller: Distiller, stages: list[TrainingStage], max_steps: i
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -9,6 +9,11 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +22,7 @@ from pathlib import Path
 from aac_metrics.functional import cider_d
 
 from common.annotations import DataReport, read_examples
+from common.cli import run
 from common.config import parse_cli, save_resolved
 from common.dataset import DataConfig
 from evaluation.asr_metrics import asr_scores
@@ -77,4 +83,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -15,6 +15,11 @@ evaluation scores. One line per clip goes to stdout (`path<TAB>output`); `--outp
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
 import json
 import sys
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from common.annotations import DataError, DataReport, Example, read_examples
 from common.audio import SAMPLE_RATE, AudioError, load_audio
+from common.cli import run
 from common.config import ConfigError, read_yaml
 from common.dataset import DEFAULT_PROMPTS, AudioTextDataset, DataConfig
 from common.features import FeatureConfig
@@ -205,4 +211,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

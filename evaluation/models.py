@@ -96,7 +96,7 @@ def decode(model: AudioLanguageModel, dataset, indices: list[int], batch_size: i
     collate = AudioTextCollator()
     order = sorted(indices, key=lambda i: dataset.durations[i])
     out: dict[int, str] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc="decode", unit="batch", leave=False):
+    for start in tqdm(range(0, len(order), batch_size), desc="decode", unit="batch", leave=False, disable=None):
         ids = order[start : start + batch_size]
         batch = collate([dataset[i] for i in ids])
         batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

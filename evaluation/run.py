@@ -10,6 +10,11 @@ to `comparison.json`: on a noisy CPU only ratios taken in one run mean something
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 
 from common.audio import SAMPLE_RATE, load_audio
+from common.cli import run
 from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
 from common.device import InferenceDtype
@@ -31,8 +37,14 @@ from evaluation.interface import AudioLanguageModel
 from evaluation.models import GenerationConfig
 from evaluation.models import decode as decode_clips
 from evaluation.models import load_model as load_model_folder
-from evaluation.results import (QUALITY_KEYS, build_results, efficiency_metrics, format_summary, load_results,
-                                write_results)
+from evaluation.results import (
+    QUALITY_KEYS,
+    build_results,
+    efficiency_metrics,
+    format_summary,
+    load_results,
+    write_results,
+)
 
 
 @dataclass
@@ -284,4 +296,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,7 +1,14 @@
 """`python -m experiments ablation --config ...` runs the ablation table; `python -m experiments figures` draws;
 `python -m experiments compare ROWS.json A B` compares two rows seed by seed."""
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import sys
+
+from common.cli import run
 
 
 def main(argv: list[str]) -> int:
@@ -19,4 +26,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run(lambda: main(sys.argv[1:]))

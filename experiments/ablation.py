@@ -21,6 +21,11 @@ again from a clone, where `output_dir` is empty) and `<output_dir>/rows.json` (e
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import contextlib
 import csv
 import fcntl
@@ -36,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.cli import run
 from common.config import ConfigError, config_hash, load_job_config, parse_cli, read_yaml, save_resolved
 from teacher.cache import teacher_identity
 
@@ -580,4 +586,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -14,13 +14,18 @@ table in `paper/tables/`, or an ablation's `<output_dir>/rows.json`.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
+from common.cli import run
 from experiments.ablation import HEADERS, QUALITY
 
 LOWER_IS_BETTER = {"wer"}
@@ -98,4 +103,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -20,11 +20,15 @@ A figure whose inputs are missing is skipped with a line saying which file would
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
 import csv
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -32,6 +36,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from common.cli import run
 from common.config import load_config  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
 from experiments.ablation import QUALITY, RATIOS, JobConfig, mean_std  # noqa: E402
@@ -326,4 +331,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

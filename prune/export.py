@@ -18,10 +18,14 @@ whole student reproduce the exported model's logits exactly.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import dataclasses
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from common.cli import run
 from common.config import mark_stage_done, parse_cli, read_yaml, save_resolved, stage_is_current
 from evaluation.efficiency import count_parameters, weight_bytes
 from evaluation.results import format_summary, load_results
@@ -245,4 +250,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

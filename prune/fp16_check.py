@@ -41,6 +41,11 @@ guarded student folder (`guarded_output`) is an ordinary folder that behaves ide
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import copy
 import json
 import math
@@ -51,6 +56,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.cli import run
 from common.config import parse_cli, save_resolved
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
 from common.features import FeatureConfig
@@ -386,4 +392,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -22,10 +22,14 @@ exactly the logits of the one it saved.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import dataclasses
 import json
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -35,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.cli import run
 from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
 from evaluation.efficiency import weight_bytes
 from prune.skeleton import build_skeleton, check_keys, flat_state, read_salmonn_config, write_configs
@@ -201,4 +206,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -15,11 +15,15 @@ widths rounded to a multiple of `ratios.round_to`) or heads (whole heads, at lea
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import dataclasses
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from common.cli import run
 from common.config import (
     load_config,
     load_job_config,
@@ -360,4 +365,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

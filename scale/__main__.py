@@ -1,6 +1,13 @@
 """`python -m scale estimate --config configs/salmonn13b-gemma2b/estimate.yaml --gpu v100-32gb [key=value ...]`."""
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import sys
+
+from common.cli import run
 
 COMMANDS = {"estimate": "scale.estimate"}
 
@@ -16,4 +23,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run(lambda: main(sys.argv[1:]))

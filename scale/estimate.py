@@ -32,6 +32,11 @@ the docstrings (bytes; tables print GB = 10⁹ bytes):
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
 import dataclasses
 import json
@@ -41,6 +46,7 @@ from pathlib import Path
 
 from torch import nn
 
+from common.cli import run
 from common.config import ConfigError, load_config, load_job_config
 from scale.architectures import MetaSalmonn, beats_config, build_meta, llm_config, whisper_config
 from student.token_pruning import layer_token_counts, patch_tokens
@@ -476,4 +482,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

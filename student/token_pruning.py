@@ -18,6 +18,11 @@ checkpoint); the pruning settings sit beside it in `pruning_config`. `beats_cost
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
 import contextlib
 import dataclasses
@@ -33,6 +38,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from common.cli import run
 from teacher.beats import FBANK_BINS, BEATs, BEATsConfig, BEATsEncoder, TokenState
 
 FRAME_SHIFT_SECONDS = 0.010
@@ -600,4 +606,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,6 +12,11 @@ trained key of the SALMONN checkpoint fits the configured architecture.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import dataclasses
 import shutil
 import sys
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from common.cli import run
 from common.config import mark_stage_done, parse_cli, stage_is_current, to_dict
 from common.hub import local_folder
 from teacher.build import CheckpointError, SalmonnConfig
@@ -112,4 +118,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

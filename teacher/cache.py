@@ -10,9 +10,13 @@ An interrupted run resumes without recomputing finished shards.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import hashlib
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,6 +24,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
+from common.cli import run
 from common.config import file_stamps, mark_stage_done, parse_cli, stage_is_current
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
 from common.device import InferenceDtype, place_for_inference
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "DONE").unlink(missing_ok=True)  # an interrupted rebuild then resumes instead of starting over
     pending = writer.pending_shards()
     print(f"{len(pending)} of {writer.num_shards} shards to compute")
-    for shard in tqdm(pending, desc="cache shards", unit="shard"):
+    for shard in tqdm(pending, desc="cache shards", unit="shard", disable=None):
         generator = torch.Generator(model.device).manual_seed(cfg.seed + shard.index)
         indices = list(shard.sample_indices)
         samples = []
@@ -170,4 +175,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -10,15 +10,20 @@ voices are never heard in training.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: quiet their known third-party noise
+    from common.cli import quiet_third_party_logs
+
+    quiet_third_party_logs()
+
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 import jiwer
 import torch
 from safetensors.torch import load_file
 
+from common.cli import run
 from common.config import load_config
 from common.dataset import AudioTextCollator, AudioTextDataset
 from common.feature_store import with_feature_store
@@ -82,4 +87,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -5,9 +5,15 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import sys
 from dataclasses import dataclass, field
 
+from common.cli import run
 from common.config import parse_cli
 from evaluation.efficiency import count_parameters, weight_bytes
 from teacher.build import CheckpointError, SalmonnConfig, build_salmonn
@@ -48,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

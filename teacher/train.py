@@ -10,9 +10,13 @@ teacher cache, the student builder and the evaluation load through the same load
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import dataclasses
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.bpe import train_bpe
+from common.cli import run
 from common.config import config_hash, mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig, DurationBucketSampler
 from common.feature_store import with_encoder_outputs, with_feature_store
@@ -389,4 +394,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

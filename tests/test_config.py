@@ -1,5 +1,6 @@
 """Typed configs: every YAML in configs/ loads; bad keys, types and overrides fail with clear messages."""
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -145,8 +146,29 @@ def test_cli_exits_with_message(capsys):
         parse_cli(Job, ["stepz=3"])
     assert exc.value.code == 2
     assert "did you mean 'steps'" in capsys.readouterr().err
-    cfg, force = parse_cli(Job, ["steps=3", "--force"])
+    cfg, force = parse_cli(Job, ["steps=3", "--force"])  # a Python caller may start from the defaults
     assert cfg.steps == 3 and force
+
+
+def test_cli_requires_config_on_the_command_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["job", "steps=3"])
+    with pytest.raises(SystemExit) as exc:
+        parse_cli(Job)
+    assert exc.value.code == 2 and "the following arguments are required: --config" in capsys.readouterr().err
+
+
+def test_cli_help_lists_the_keys_and_print_config_the_resolved_yaml(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_cli(Job, ["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "  optim.lr: float = 0.001\n" in out and "  mode: Literal['online', 'cached'] = cached\n" in out
+    config = tmp_path / "job.yaml"
+    config.write_text("steps: 4\n")
+    with pytest.raises(SystemExit) as exc:
+        parse_cli(Job, ["--config", str(config), "--print-config", "optim.lr=0.5"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert exc.value.code == 0 and printed["steps"] == 4 and printed["optim"] == {"lr": 0.5, "betas": [0.9, 0.999]}
 
 
 def test_stage_skip_marker(tmp_path):

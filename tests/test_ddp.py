@@ -129,7 +129,9 @@ def one_process(data, tmp_path_factory):
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(data, one_process, tmp_path):
     out = tmp_path / "ddp"
-    launch("ddp.yaml", ["-m", "distill.train"], recipe_args(data, out, "loop.grad_accum=1"))
+    defaults = tmp_path / "defaults.yaml"  # the command line wants a --config: one that keeps every default
+    defaults.write_text("job: distill.train\n")
+    launch("ddp.yaml", ["-m", "distill.train", "--config", str(defaults)], recipe_args(data, out, "loop.grad_accum=1"))
     records = train_records(out)
     assert len(records) == 3  # the main process logs, once per step
     assert_same_run(records, train_records(one_process))

@@ -4,12 +4,17 @@ Prints a short summary as JSON; see toybench/pipeline.py for the output layout. 
 the folder already holds a finished run of the same settings (`--force` regenerates).
 """
 
+if __name__ == "__main__":  # before the heavy imports below: answer --help from the source, quiet known noise
+    from common.cli import before_imports
+
+    before_imports()
+
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from common.cli import run
 from common.config import parse_cli
 from toybench.config import PRESETS, ToyBenchConfig, preset
 from toybench.pipeline import generate, verify_manifest
@@ -41,4 +46,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)

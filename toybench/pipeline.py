@@ -118,7 +118,7 @@ def _make_all(cfg: ToyBenchConfig, out_dir: Path, progress: bool) -> list[dict]:
     counts = cfg.counts()
     jobs = [Job(cfg, task, split, index, str(out_dir))
             for task in TASKS for split in SPLITS for index in range(counts[split])]
-    bar = dict(total=len(jobs), disable=not progress, desc="toybench", unit="clip", smoothing=0.05)
+    bar = dict(total=len(jobs), disable=None if progress else True, desc="toybench", unit="clip", smoothing=0.05)
     if cfg.workers == 1:
         return list(tqdm(map(make_item, jobs), **bar))
     # spawn, not fork: the caller may hold threads (torch, tqdm) that a forked child would inherit.
