@@ -23,7 +23,7 @@ from torch import nn
 
 from common.bpe import train_bpe
 from common.config import config_hash, mark_stage_done, parse_cli, save_resolved, stage_is_current
-from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig, DurationBucketSampler
+from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler, scan_split
 from common.feature_store import with_encoder_outputs, with_feature_store
 from common.features import FeatureConfig
 from common.tracking import MetricLogger
@@ -134,9 +134,7 @@ class JobConfig:
 
 
 def load_split(cfg: JobConfig, split: str):
-    dataset = AudioTextDataset.scan(getattr(cfg.data, split), cfg.data, cfg.features, desc=f"scan {split}")
-    dataset.report.save(Path(cfg.output_dir) / f"data_report_{split}.json")
-    print(f"{split}: {dataset.report.summary()}")
+    dataset = scan_split(cfg.data, cfg.features, split, cfg.output_dir)
     if cfg.feature_store:
         dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, split)
     return dataset
