@@ -6,12 +6,16 @@ id `owner/name[@revision][:split]`, see `common.hub`) needs columns `audio` (an 
 `text` and `task` (`Q` optional); `HFDatasetOptions` maps other column names and gives a task to every row.
 
 Every problem names the file, the entry and the field. With `on_error="skip"` the entry is skipped and
-counted in the `DataReport` instead of stopping the run; nothing is dropped without being counted.
+counted in the `DataReport` instead of stopping the run; nothing is dropped without being counted. An entry that
+repeats another exactly (same audio file, text, task and `Q`, in the same or another source) is such a problem:
+it would count twice in training and be folded into one clip by the evaluation. A captioning clip listed once per
+reference caption (same path, different text) is not a duplicate.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +58,19 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     skipped_entries: list[dict] = field(default_factory=list)
+    """`{"source": "file.json#i", "reason": ..., "problem": message}` per skipped entry."""
+    dropped_entries: list[dict] = field(default_factory=list)
+    """`{"source": "file.json#i", "reason": ...}` per clip dropped by a rule on its audio (too short, too long,
+    silent, zero length). Entries cut by a size limit of the config (`max_captions_per_clip`, `max_clips_per_task`)
+    are only counted: which ones follows from the file order."""
 
     def skip(self, err: DataError, source: str) -> None:
         self.skipped[err.reason] += 1
         self.skipped_entries.append({"source": source, "reason": err.reason, "problem": str(err)})
+
+    def drop(self, reason: str, source: str) -> None:
+        self.dropped[reason] += 1
+        self.dropped_entries.append({"source": source, "reason": reason})
 
     def to_dict(self) -> dict:
         return {
@@ -68,6 +81,7 @@ class DataReport:
             "dropped": dict(sorted(self.dropped.items())),
             "skipped": dict(sorted(self.skipped.items())),
             "skipped_entries": self.skipped_entries,
+            "dropped_entries": self.dropped_entries,
         }
 
     def save(self, path: str | Path) -> None:
@@ -265,7 +279,8 @@ def is_hub_dataset(source: str) -> bool:
 
 def read_examples(sources: list[str], tasks: list[str], on_error: str, report: DataReport,
                   options: HFDatasetOptions | None = None) -> list[Example]:
-    """Read every source (annotation JSON file, HF dataset folder, or hub dataset id) into one list of examples."""
+    """Read every source (annotation JSON file, HF dataset folder, or hub dataset id) into one list of examples,
+    without exact duplicates (see `drop_duplicates`)."""
     examples = []
     for source in sources:
         if Path(source).is_dir():
@@ -274,4 +289,39 @@ def read_examples(sources: list[str], tasks: list[str], on_error: str, report: D
             examples.extend(read_hub_dataset(source, tasks, on_error, report, options))
         else:
             examples.extend(read_annotation_json(source, tasks, on_error, report))
-    return examples
+    return drop_duplicates(examples, on_error, report)
+
+
+def _entry_name(source: str) -> tuple[str, str]:
+    """`file.json#3` → (`file.json`, `entry 3`); `folder[3]` → (`folder`, `row 3`)."""
+    if source.endswith("]") and "[" in source:
+        file, _, index = source[:-1].rpartition("[")
+        return file, f"row {index}"
+    file, _, index = source.rpartition("#")
+    return file, f"entry {index}"
+
+
+def drop_duplicates(examples: list[Example], on_error: str, report: DataReport) -> list[Example]:
+    """Keep the first of entries that are exactly alike: the same audio file (after resolving the path), text,
+    task and prompt. With `on_error="skip"` a repeat is skipped and counted as `duplicate_entry`; otherwise it
+    raises, naming both entries. Several captions of one clip differ in text and are all kept."""
+    first: dict[tuple, Example] = {}
+    kept = []
+    for ex in examples:
+        audio = os.path.normpath(ex.path) if ex.audio_bytes is None else ex.source
+        key = (audio, ex.text, ex.task, ex.prompt or None)
+        if key not in first:
+            first[key] = ex
+            kept.append(ex)
+            continue
+        file, entry = _entry_name(ex.source)
+        other_file, other = _entry_name(first[key].source)
+        of = other if other_file == file else f"{other} of {other_file}"
+        err = DataError(
+            f"{file}: {entry} repeats {of} exactly (same path, text, task and Q) — delete one of them; the evaluation "
+            f"would fold them into one clip and training would see it twice (a clip with several reference captions "
+            f"lists each caption once, with its own text)", "duplicate_entry")
+        if on_error != "skip":
+            raise err
+        report.skip(err, ex.source)
+    return kept

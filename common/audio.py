@@ -59,6 +59,9 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, data: bytes | N
     """
     path = Path(path)
     if data is None:
+        if path.is_dir():
+            raise AudioError(f"{path}: is a directory, not an audio file — point the entry's path at an audio file",
+                             "audio_is_directory")
         if not path.is_file():
             raise AudioError(f"{path}: audio file not found", "missing_audio")
         truncated = _wav_truncation(path) if path.stat().st_size > 0 else "empty file (0 bytes)"

@@ -5,6 +5,9 @@ Every YAML under `configs/` names the module that runs it in its top-level `job:
 type against the dataclass: an unknown key or a wrong type stops the run with a message that names the
 file, the key, and the closest valid key. The resolved config (after overrides) is written beside every
 output so a run can be reproduced and stages can be skipped when nothing changed.
+
+A job with both `output_dir` and `log_dir` keeps them paired (`LOG_DIR_RULE`): a log folder belongs to the output
+folder it was given with, so a run written elsewhere never logs into (and starts over in) another run's folder.
 """
 
 from __future__ import annotations
@@ -203,10 +206,39 @@ def job_config_class(job: str) -> type:
     return module.JobConfig
 
 
+LOG_DIR_RULE = ("empty, or not given where `output_dir` is (the YAML sets `output_dir` but not `log_dir`, or a "
+                "`output_dir=` override comes without `log_dir=`): `<output_dir>/logs`, so runs written to different "
+                "folders never share (and restart) one log folder")
+"""How `log_dir` follows `output_dir` (`follow_output_dir`); quoted in the `log_dir` docs of the jobs."""
+
+
+def follow_output_dir(data: dict, file_keys: set[str], override_keys: set[str], cls: type) -> dict:
+    """Pair `log_dir` with `output_dir` in the raw config dict (`LOG_DIR_RULE`).
+
+    `file_keys` are the top-level keys the YAML set, `override_keys` those the command line set. A `log_dir`
+    counts only when it comes from the same place as the `output_dir` or a later one: a preset's `log_dir`
+    belongs to the preset's `output_dir`, not to an `output_dir=` override of it.
+    """
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    if not {"output_dir", "log_dir"} <= names:
+        return data
+    if "output_dir" in override_keys:
+        derived = "log_dir" not in override_keys
+    elif "output_dir" in file_keys:
+        derived = "log_dir" not in file_keys and "log_dir" not in override_keys
+    else:
+        derived = False
+    if derived or data.get("log_dir") == "":
+        output_dir = data.get("output_dir", next(f.default for f in dataclasses.fields(cls) if f.name == "output_dir"))
+        data["log_dir"] = str(Path(output_dir) / "logs")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """Load a job config from YAML (or defaults when `path` is None) and apply `key=value` overrides.
 
-    The YAML's `job:` key, if present, must name a module whose `JobConfig` is `cls`.
+    The YAML's `job:` key, if present, must name a module whose `JobConfig` is `cls`. `log_dir` follows
+    `output_dir` as `LOG_DIR_RULE` says.
     """
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
@@ -214,7 +246,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data.pop(RESOLVED_FROM, None)  # a saved config's record of hub commits, not a setting
     if job is not None and job != job_name(cls):
         raise ConfigError(f"{source}: 'job: {job}' is a config for another job than {cls.__module__}")
+    file_keys = set(data)
     data = apply_overrides(data, list(overrides), cls)
+    override_keys = {item.partition("=")[0] for item in overrides}
+    data = follow_output_dir(data, file_keys, override_keys, cls)
     return from_dict(cls, data, source)
 
 

@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from math import ceil
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -159,7 +160,7 @@ class AudioTextDataset(Dataset):
                 continue
             reason = _drop_reason(wav, data_cfg)
             if reason:
-                report.dropped[reason] += 1
+                report.drop(reason, ex.source)
                 continue
             kept.append(ex)
             durations.append(len(wav) / SAMPLE_RATE)
@@ -180,6 +181,21 @@ class AudioTextDataset(Dataset):
         item.update(text=ex.text, task=ex.task, prompt=self.prompt(ex), path=ex.path,
                     duration=self.durations[index], index=index)
         return item
+
+
+def scan_split(data_cfg: DataConfig, feature_cfg: FeatureConfig, split: str, report_dir: str | Path,
+               sources: list[str] | None = None) -> AudioTextDataset:
+    """Scan one split (`data_cfg.train` / `valid` / `test`, or `sources`) and write its data report.
+
+    Every stage that reads data goes through here, so each leaves `<report_dir>/data_report_<split>.json` (kept,
+    dropped and skipped entries, per reason, and which ones) beside its outputs and prints the one-line summary.
+    """
+    sources = getattr(data_cfg, split) if sources is None else sources
+    dataset = AudioTextDataset.scan(sources, data_cfg, feature_cfg, desc=f"scan {split}")
+    path = Path(report_dir) / f"data_report_{split}.json"
+    dataset.report.save(path)
+    print(f"{split}: {dataset.report.summary()} (report: {path})")
+    return dataset
 
 
 class AudioTextCollator:

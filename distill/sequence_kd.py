@@ -24,7 +24,7 @@ import torch
 
 from common.cli import run
 from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
-from common.dataset import AudioTextDataset, DataConfig
+from common.dataset import DataConfig, scan_split
 from common.feature_store import with_feature_store
 from common.features import FeatureConfig
 from distill.cross_tokenizer import sequence_kd_records
@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     save_resolved(cfg, out_dir)
-    dataset = AudioTextDataset.scan(cfg.data.train, cfg.data, cfg.features, desc="scan train")
-    print(f"train: {dataset.report.summary()}")
+    dataset = scan_split(cfg.data, cfg.features, "train", out_dir)
     if cfg.feature_store:
         dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, "train")
     teacher = load_model_folder(cfg.teacher_folder).eval()

@@ -138,6 +138,10 @@ class JobConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     output_dir: str = "outputs/toy/student"
     log_dir: str = "runs/toy/student"
+    """TensorBoard events and `metrics.jsonl`. Follows `output_dir` (`common.config.LOG_DIR_RULE`): when the YAML or
+    an override sets `output_dir` without `log_dir` beside it, or `log_dir` is empty, the logs go to
+    `<output_dir>/logs`; a preset's `log_dir` belongs to its own `output_dir`. A run never deletes logs another
+    output folder left here: they are moved to `<log_dir>/previous-<time>/` (`common.tracking.LOG_OWNER`)."""
 
 
 PART_PREFIXES = {"speech_encoder": ("speech_encoder.",), "audio_encoder": ("audio_encoder.",),
@@ -440,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     rank_suffix = "" if main_process else f"_rank{accelerator.process_index}"  # ZeRO-3 evaluates on every rank
     evaluate = validator(cfg, valid, out_dir / f"valid{rank_suffix}")
     with MetricLogger(cfg.log_dir, backends=("tensorboard", "stdout", "jsonl") if main_process else (),
-                      stdout_every=5) as logger:
+                      stdout_every=5, owner=out_dir) as logger:
         logger.log(0, {f"data/{k}": v for k, v in tokenizers.items()})
         state = fit(distiller, train, sampler, collate, lambda model, batch: model(batch), cfg.loop, cfg.optim,
                     out_dir, logger, evaluate=lambda model, step: evaluate(model.student, step),

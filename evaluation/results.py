@@ -7,8 +7,14 @@ Layout (extra keys, e.g. `model` or the full efficiency report, are allowed and 
       "wer": 0.0634, "cer": 0.031, "cider_d": 0.41, "spice": null, "spider": null,
       "params": 62224, "weight_bytes": 248896, "peak_memory_mb": 0.47, "ttft_ms": 3.3, "tpot_ms": 0.86,
       "settings": {"wer": {"normalizer": "whisper_english"}, "efficiency": {"protocol": "careful", ...}},
-      "unavailable": {"spice": "Java runtime not found", "spider": "needs spice"}
+      "unavailable": {"spice": "Java runtime not found", "spider": "needs spice"},
+      "data": {"entries": 120, "kept": 117, "skipped": {"duplicate_entry": 1}, "dropped": {"silent": 2},
+               "skipped_entries": [{"source": "test.json#7", "reason": "duplicate_entry", "problem": "..."}],
+               "dropped_entries": [{"source": "test.json#40", "reason": "silent"}, ...], ...}
     }
+
+`data` (written by `evaluation.run`) is the test split's data report (`common.annotations.DataReport`): how many
+annotation entries were read, kept, skipped for an error and dropped by a rule, per reason, and which ones.
 
 A metric that could not run is null, with its reason under `unavailable`; a null without a reason,
 or a reason beside a number, is an error. Units: `wer`/`cer` fractions, `params` elements,
@@ -132,6 +138,11 @@ def format_summary(results: Mapping[str, Any]) -> str:
         value = results[key]
         note = f"unavailable: {results['unavailable'][key]}" if value is None else ""
         lines.append(f"{key:<16}{_format_value(key, value):>18}  {note}".rstrip())
+    if isinstance(results.get("data"), Mapping):
+        data = results["data"]
+        lost = {f"{kind} {reason}": n for kind in ("skipped", "dropped") for reason, n in data.get(kind, {}).items()}
+        detail = "; " + ", ".join(f"{k}={v}" for k, v in lost.items()) if lost else ""
+        lines.append(f"test entries: {data.get('kept')}/{data.get('entries')} kept{detail}")
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ import torch
 from common.audio import SAMPLE_RATE, load_audio
 from common.cli import run
 from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
-from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
+from common.dataset import AudioTextCollator, DataConfig, scan_split
 from common.device import InferenceDtype
 from common.feature_store import with_feature_store
 from common.features import AudioFeaturizer, FeatureConfig
@@ -199,7 +199,8 @@ def fixed_length_item(dataset, start: int, seconds: float, features: FeatureConf
 
 
 def load_test_split(cfg: JobConfig):
-    dataset = AudioTextDataset.scan(cfg.data.test, cfg.data, cfg.features, desc="scan test")
+    """The test split, its data report written to `<output_dir>/data_report_test.json`."""
+    dataset = scan_split(cfg.data, cfg.features, "test", cfg.output_dir)
     if cfg.feature_store:
         dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, "test")
     return dataset
@@ -246,7 +247,6 @@ def main(argv: list[str] | None = None) -> dict:
     (out_root / DONE_MARKER).unlink(missing_ok=True)  # written again, last, when every result is in place
     save_resolved(cfg, out_root)
     dataset = load_test_split(cfg)
-    print(f"test split: {dataset.report.summary()}")
     cache_dir = Path(cfg.caption_cache_dir) if cfg.caption_cache_dir else None
     clips = efficiency_clips(dataset, cfg)
     if cfg.load == "together":
@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
         settings["efficiency"] = report["settings"]
         settings["placement"] = {"device": str(model.device), "dtype": cfg.dtype, "load": cfg.load}
         results = build_results({**metrics, **eff_values}, settings, {**unavailable, **eff_unavailable},
-                                model=ref.name, path=ref.path, efficiency=report["models"][ref.name])
+                                model=ref.name, path=ref.path, efficiency=report["models"][ref.name],
+                                data=dataset.report.to_dict())
         write_results(out_root / ref.name / "results.json", results)
         summary = format_summary(results)
         (out_root / ref.name / "summary.txt").write_text(summary + "\n")

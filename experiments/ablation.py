@@ -43,6 +43,7 @@ from pathlib import Path
 
 from common.cli import run
 from common.config import ConfigError, config_hash, load_job_config, parse_cli, read_yaml, save_resolved
+from common.tracking import LOG_OWNER
 from teacher.cache import teacher_identity
 
 QUALITY = ("wer", "cider_d", "spice", "spider")
@@ -357,6 +358,8 @@ def adopt(stage: PlannedStage, source: Path) -> None:
     my_logs = next((a.partition("=")[2] for a in stage.command if a.startswith("log_dir=")), "")
     if source_logs and my_logs and Path(source_logs).is_dir() and not Path(my_logs).exists():
         shutil.copytree(source_logs, my_logs)
+        for owner in Path(my_logs).rglob(LOG_OWNER):  # it names the source's output folder, not this one: the copies
+            owner.unlink()  # are unclaimed, kept by a resume here and moved aside (not deleted) by a fresh start
     (tmp / "ADOPTED_FROM").write_text(f"{source}\n")
     (tmp / "ABLATION_DONE").write_text(shlex.join(stage.command))
     tmp.rename(stage.output_dir)

@@ -58,7 +58,7 @@ from torch import nn
 
 from common.cli import run
 from common.config import parse_cli, save_resolved
-from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
+from common.dataset import AudioTextCollator, DataConfig, scan_split
 from common.features import FeatureConfig
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -282,7 +282,7 @@ def student_batches(cfg: JobConfig, tokenizer) -> list[dict]:
 
     if not cfg.data.test:
         raise SystemExit("config error: data.test is empty; the student is measured on test clips")
-    dataset = AudioTextDataset.scan(cfg.data.test, cfg.data, cfg.features, desc="scan test")
+    dataset = scan_split(cfg.data, cfg.features, "test", cfg.output_dir)
     if cfg.feature_store:
         dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, "test")
     step = max(1, len(dataset) // max(1, cfg.clips))

@@ -102,7 +102,9 @@ class JobConfig:
     """The student folder to prune (written by distill.train or by this job)."""
     output_dir: str = "outputs/toy/pruned-25"
     log_dir: str = "runs/toy/pruned-25"
-    """Recovery runs log under `<log_dir>/step<N>`."""
+    """Recovery runs log under `<log_dir>/step<N>`. Follows `output_dir` (`common.config.LOG_DIR_RULE`): when the
+    YAML or an override sets `output_dir` without `log_dir` beside it, or `log_dir` is empty, it is
+    `<output_dir>/logs`; a preset's `log_dir` belongs to its own `output_dir`."""
     ratios: Ratios = field(default_factory=Ratios)
     importance: Criterion = "magnitude"
     """magnitude (squared L2 norm of a unit's weights), taylor (|w · ∂L/∂w| on the calibration clips), random."""

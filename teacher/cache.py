@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common.cli import run
 from common.config import file_stamps, mark_stage_done, parse_cli, stage_is_current
-from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig
+from common.dataset import AudioTextCollator, DataConfig, scan_split
 from common.device import InferenceDtype, place_for_inference
 from common.feature_store import SubsetView, with_feature_store
 from common.features import FeatureConfig
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if stage_is_current(cfg, out_dir, inputs=inputs) and not force:
         print(f"teacher cache up to date: {out_dir} (use --force to rebuild)")
         return 0
-    dataset = AudioTextDataset.scan(getattr(cfg.data, cfg.split), cfg.data, cfg.features, desc=f"scan {cfg.split}")
-    print(f"{cfg.split}: {dataset.report.summary()}")
+    dataset = scan_split(cfg.data, cfg.features, cfg.split, out_dir)
     if cfg.feature_store:
         dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, cfg.split)
     model = load_teacher(cfg)

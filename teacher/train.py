@@ -28,7 +28,7 @@ from torch import nn
 from common.bpe import train_bpe
 from common.cli import run
 from common.config import config_hash, mark_stage_done, parse_cli, save_resolved, stage_is_current
-from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig, DurationBucketSampler
+from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler, scan_split
 from common.feature_store import with_encoder_outputs, with_feature_store
 from common.features import FeatureConfig
 from common.hub import is_hub_id
@@ -137,12 +137,14 @@ class JobConfig:
     `pad_to_longest`, BEATs only with `model.qformer.trim_to_audio`. Empty runs the encoders at every step."""
     output_dir: str = "outputs/toy/teacher"
     log_dir: str = "runs/toy-teacher"
+    """TensorBoard events and `metrics.jsonl`. Follows `output_dir` (`common.config.LOG_DIR_RULE`): when the YAML or
+    an override sets `output_dir` without `log_dir` beside it, or `log_dir` is empty, the logs go to
+    `<output_dir>/logs`; a preset's `log_dir` belongs to its own `output_dir`. A run never deletes logs another
+    output folder left here: they are moved to `<log_dir>/previous-<time>/` (`common.tracking.LOG_OWNER`)."""
 
 
 def load_split(cfg: JobConfig, split: str):
-    dataset = AudioTextDataset.scan(getattr(cfg.data, split), cfg.data, cfg.features, desc=f"scan {split}")
-    dataset.report.save(Path(cfg.output_dir) / f"data_report_{split}.json")
-    print(f"{split}: {dataset.report.summary()}")
+    dataset = scan_split(cfg.data, cfg.features, split, cfg.output_dir)
     if cfg.feature_store:
         dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, split)
     return dataset
@@ -261,7 +263,8 @@ def pretrain_encoder(cfg: JobConfig, trainer: WithCTC, train, out_dir: Path) -> 
                                     cfg.data.bucket_pool_batches, seed=cfg.loop.seed)
     loop = dataclasses.replace(cfg.loop, max_steps=cfg.ctc.pretrain_steps, eval_every=10**9, best_metric="")
     optim = dataclasses.replace(cfg.optim, lr=cfg.ctc.pretrain_lr, min_lr_ratio=cfg.ctc.pretrain_min_lr_ratio)
-    with MetricLogger(Path(cfg.log_dir) / "encoder_pretrain", stdout_every=5) as logger:
+    with MetricLogger(Path(cfg.log_dir) / "encoder_pretrain", stdout_every=5,
+                      owner=out_dir / "encoder_pretrain") as logger:
         fit(EncoderCTC(trainer), subset, sampler, AudioTextCollator(), lambda m, batch: m(batch), loop, optim,
             out_dir / "encoder_pretrain", logger, run_key=phase_key(cfg, "encoder_pretrain"))
 
@@ -314,7 +317,7 @@ def answers_only_phase(cfg: JobConfig, trainer: WithCTC, train, valid, sampler, 
     optim = dataclasses.replace(cfg.optim, lr=phase.lr, warmup_steps=phase.warmup_steps,
                                 min_lr_ratio=phase.min_lr_ratio)
     evaluate = validator(cfg, valid, out_dir / "valid")
-    with MetricLogger(Path(cfg.log_dir) / name, stdout_every=5) as logger:
+    with MetricLogger(Path(cfg.log_dir) / name, stdout_every=5, owner=out_dir) as logger:
         return fit(trainer, train, sampler, collate, lambda m, batch: m(batch), loop, optim, out_dir, logger,
                    evaluate=lambda m, step: evaluate(m.model, step), run_key=phase_key(cfg, name))
 
@@ -372,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.align.weight:
             trainer.aligner, trainer.align_weight = aligner, cfg.align.weight
     evaluate = validator(cfg, valid, out_dir / "valid")
-    with MetricLogger(cfg.log_dir, stdout_every=5) as logger:
+    with MetricLogger(cfg.log_dir, stdout_every=5, owner=out_dir) as logger:
         state = fit(trainer, train, sampler, collate, lambda m, batch: m(batch), cfg.loop, cfg.optim, out_dir,
                     logger, evaluate=lambda m, step: evaluate(m.model, step), run_key=phase_key(cfg, "salmonn"))
     extra = {"step": state.step}

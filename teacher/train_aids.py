@@ -181,7 +181,7 @@ def pretrain_beats(cfg: JobConfig, model: Salmonn, train, valid, out_dir: Path, 
     loop = dataclasses.replace(cfg.loop, max_steps=b.steps, batch_size=b.batch_size, eval_every=10**9,
                                best_metric="")
     optim = dataclasses.replace(cfg.optim, lr=b.lr, min_lr_ratio=b.min_lr_ratio, warmup_steps=b.warmup_steps)
-    with MetricLogger(Path(cfg.log_dir) / "beats_pretrain", stdout_every=5) as logger:
+    with MetricLogger(Path(cfg.log_dir) / "beats_pretrain", stdout_every=5, owner=out_dir / "beats_pretrain") as logger:
         fit(tagger, torch.utils.data.Subset(train, rows), sampler, AudioTextCollator(), lambda m, batch: m(batch),
             loop, optim, out_dir / "beats_pretrain", logger, run_key=run_key)
         valid_rows = first_clip_of_each(valid, "audiocaption")
@@ -276,7 +276,7 @@ def align_audio_tokens(cfg: JobConfig, model: Salmonn, train, valid, out_dir: Pa
     loop = dataclasses.replace(cfg.loop, max_steps=a.steps, batch_size=a.batch_size, eval_every=10**9,
                                best_metric="")
     optim = dataclasses.replace(cfg.optim, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup_steps)
-    with MetricLogger(Path(cfg.log_dir) / "align", stdout_every=5) as logger:
+    with MetricLogger(Path(cfg.log_dir) / "align", stdout_every=5, owner=out_dir / "align") as logger:
         fit(aligner, train, sampler, AudioTextCollator(), lambda m, batch: m(batch), loop, optim, out_dir / "align",
             logger, run_key=run_key)
         rows = [i for task in cfg.data.tasks for i in first_clip_of_each(valid, task)[: a.eval_clips_per_task]]

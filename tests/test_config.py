@@ -259,3 +259,31 @@ def test_a_stage_goes_stale_when_an_input_it_read_changes(tmp_path):
     mark_stage_done(cfg, out, inputs=[cfg.model])
     assert stage_is_current(cfg, out, inputs=[cfg.model])
     assert stage_is_current(cfg, out, inputs=[cfg.model, ""])  # an unset input path is no input
+
+
+@dataclass
+class Stage:
+    output_dir: str = "outputs/toy/x"
+    log_dir: str = "runs/toy/x"
+
+
+def test_log_dir_follows_an_output_dir_given_without_it(tmp_path):
+    """A preset's log_dir belongs to the preset's output_dir: a run written elsewhere must not log (and start over)
+    in the preset's log folder."""
+    path = write(tmp_path, "output_dir: outputs/p/x\nlog_dir: runs/p/x\n")
+    assert load_config(Stage, path).log_dir == "runs/p/x"
+    moved = load_config(Stage, path, ["output_dir=elsewhere/x"])
+    assert (moved.output_dir, moved.log_dir) == ("elsewhere/x", "elsewhere/x/logs")
+    assert load_config(Stage, path, ["output_dir=elsewhere/x", "log_dir=runs/mine"]).log_dir == "runs/mine"
+    assert load_config(Stage, path, ["log_dir=runs/mine"]).log_dir == "runs/mine"
+    assert load_config(Stage, path, ["log_dir="]).log_dir == "outputs/p/x/logs"
+    assert load_config(Stage, write(tmp_path, "output_dir: outputs/q\n")).log_dir == "outputs/q/logs"
+    assert load_config(Stage).log_dir == "runs/toy/x"  # the defaults are a pair too
+    assert load_config(Job, None, ["name=x"]).name == "x"  # a job without both keys is left alone
+
+    from distill.train import JobConfig as DistillJob
+
+    preset = CONFIGS / "smoke" / "distill.yaml"
+    assert load_config(DistillJob, preset).log_dir == "runs/smoke/student"
+    other = load_config(DistillJob, preset, ["kd.kd_weight=0", f"output_dir={tmp_path / 'other'}"])
+    assert other.log_dir == str(tmp_path / "other" / "logs")

@@ -228,3 +228,57 @@ def test_caption_limit_keeps_first_captions(clips):
     texts = [ex.text for ex in ds.examples if ex.path.endswith("b.flac")]
     assert texts == ["a tone", "caption 0"]
     assert ds.report.to_dict()["dropped"] == {"captions_beyond_limit": 2}
+
+
+def test_exact_duplicates_are_refused_naming_both_entries(clips):
+    root, entries = clips
+    again = {"path": "./audio/a.wav", "text": "hello world ", "task": "asr"}  # the same entry, spelled differently
+    path = write_json(root / "dup.json", entries + [again])
+    with pytest.raises(DataError, match=r"dup.json: entry 3 repeats entry 0 exactly .* delete one") as exc:
+        scan(path)
+    assert exc.value.reason == "duplicate_entry"
+    other = write_json(root / "other.json", [entries[1]])  # the same entry in a second file
+    first = write_json(root / "train.json", entries)
+    with pytest.raises(DataError, match=r"other.json: entry 0 repeats entry 1 of .*train.json"):
+        AudioTextDataset.scan([str(first), str(other)], DataConfig(), FEAT)
+
+
+def test_exact_duplicates_are_skipped_and_listed_captions_are_not_duplicates(clips):
+    root, entries = clips
+    captions = [{"path": "audio/b.flac", "text": "another caption", "task": "audiocaption"},  # a second reference
+                {"path": "audio/b.flac", "text": "a tone", "task": "audiocaption"}]  # no Q: another prompt
+    dup = dict(entries[1])
+    ds = scan(write_json(root / "dup.json", entries + captions + [dup]), on_error="skip")
+    report = ds.report.to_dict()
+    assert len(ds) == 5 and report["entries"] == 6 and report["kept"] == 5
+    assert report["skipped"] == {"duplicate_entry": 1}
+    assert report["skipped_entries"][0]["source"].endswith("dup.json#5")
+    assert "repeats entry 1 exactly" in report["skipped_entries"][0]["problem"]
+    assert [ex.text for ex in ds.examples if ex.path.endswith("b.flac")] == ["a tone", "another caption", "a tone"]
+
+
+def test_a_directory_is_not_reported_as_a_missing_file(clips):
+    root, entries = clips
+    (root / "audio/folder.wav").mkdir()
+    bad = {"path": "audio/folder.wav", "text": "x", "task": "asr"}
+    with pytest.raises(DataError, match="is a directory, not an audio file") as exc:
+        scan(write_json(root / "dir.json", entries + [bad]))
+    assert exc.value.reason == "audio_is_directory" and "dir.json#3" in str(exc.value)
+    ds = scan(write_json(root / "dir.json", entries + [bad]), on_error="skip")
+    assert ds.report.to_dict()["skipped"] == {"audio_is_directory": 1}
+
+
+def test_scan_split_writes_the_report_with_dropped_entries(clips, tmp_path):
+    from common.dataset import scan_split
+
+    root, entries = clips
+    sf.write(root / "audio/quiet.wav", tone(1.0, amp=1e-4), 16000)
+    extra = [{"path": "audio/quiet.wav", "text": "x", "task": "asr"},
+             {"path": "audio/gone.wav", "text": "y", "task": "asr"}]
+    cfg = DataConfig(test=[str(write_json(root / "t.json", entries + extra))], on_error="skip")
+    ds = scan_split(cfg, FEAT, "test", tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "data_report_test.json").read_text())
+    assert len(ds) == 3 and report["kept"] == 3 and report["entries"] == 5
+    assert report["dropped"] == {"silent": 1} and report["skipped"] == {"missing_audio": 1}
+    assert [e["source"].rsplit("/", 1)[-1] for e in report["dropped_entries"]] == ["t.json#3"]
+    assert report["skipped_entries"][0]["source"].endswith("t.json#4")

@@ -107,6 +107,23 @@ def test_a_transfer_set_of_the_first_clips_reads_the_whole_splits_cache(setup, t
     assert len([r for r in read_metrics(tmp_path / "runs") if "train/kd" in r]) == 4
 
 
+def test_a_comparison_run_to_another_output_dir_keeps_the_presets_curves(setup, tmp_path):
+    """The preset names output_dir and log_dir; `output_dir=` alone on the command line (a CE-only comparison)
+    logs beside its own output and leaves the first run's metrics.jsonl and event files alone."""
+    preset = tmp_path / "distill.yaml"
+    preset.write_text(f"job: distill.train\noutput_dir: {tmp_path / 'student'}\nlog_dir: {tmp_path / 'runs'}\n")
+    args = [a for a in recipe_args(setup, tmp_path, "loop.max_steps=2")
+            if not a.startswith(("output_dir=", "log_dir="))]
+    assert distill_main(["--config", str(preset), *args]) == 0
+    first, events = read_metrics(tmp_path / "runs"), sorted((tmp_path / "runs").glob("events.out.tfevents.*"))
+    assert first and events
+    assert distill_main(["--config", str(preset), *args, "kd.kd_weight=0", f"output_dir={tmp_path / 'ce'}"]) == 0
+    assert read_metrics(tmp_path / "runs") == first
+    assert sorted((tmp_path / "runs").glob("events.out.tfevents.*")) == events
+    ce = [r for r in read_metrics(tmp_path / "ce" / "logs") if "train/loss" in r]
+    assert len(ce) == 2 and "train/kd" not in ce[0]
+
+
 def test_answer_rows_left_aligns_targets():
     logits = torch.arange(2 * 5 * 3, dtype=torch.float).reshape(2, 5, 3)
     labels = torch.tensor([[-100, -100, 4, 5, -100], [-100, 1, 2, 3, -100]])

@@ -99,6 +99,31 @@ def test_a_finished_evaluation_is_skipped_until_its_config_a_model_or_the_data_c
     assert len(calls) == 4
 
 
+def test_the_data_report_is_written_and_carried_into_results(setup, tmp_path):
+    """on_error=skip: a duplicate, a missing clip and a silent clip are counted in data_report_test.json and in
+    results.json, each named, instead of only printed."""
+    root = setup
+    entries = json.loads((root / "test.json").read_text())["annotation"]
+    sf.write(tmp_path / "quiet.wav", np.full(8000, 1e-5, np.float32), 16000)
+    extra = [dict(entries[0]), {"path": "gone.wav", "text": "x", "task": "asr"},
+             {"path": str(tmp_path / "quiet.wav"), "text": "y", "task": "asr"}]
+    (root / "test_bad.json").write_text(json.dumps({"annotation": entries + extra}))
+    args = [f"models=[{{name: teacher, path: {root / 'teacher'}}}]", f"data.test=[{root / 'test_bad.json'}]",
+            "data.on_error=skip", "features.whisper_chunk_seconds=2", "efficiency.timed_runs=1",
+            "efficiency.warmup_runs=0", "efficiency.decode_steps=1", "efficiency.throughput_runs=1",
+            "efficiency.throughput_batch_size=1", "efficiency.max_new_tokens=2", "efficiency_clips=1",
+            "generation.max_new_tokens=2", f"output_dir={tmp_path / 'eval'}", f"caption_cache_dir={tmp_path / 'j'}"]
+    evaluate_main(args)
+    report = json.loads((tmp_path / "eval" / "data_report_test.json").read_text())
+    data = load_results(tmp_path / "eval" / "teacher" / "results.json")["data"]
+    assert data == report
+    assert data["entries"] == 12 and data["kept"] == 9
+    assert data["skipped"] == {"duplicate_entry": 1, "missing_audio": 1} and data["dropped"] == {"silent": 1}
+    assert sorted(e["source"].rsplit("#", 1)[1] for e in data["skipped_entries"]) == ["10", "9"]
+    assert data["dropped_entries"][0]["source"].endswith("test_bad.json#11")
+    assert "skipped duplicate_entry=1" in (tmp_path / "eval" / "teacher" / "summary.txt").read_text()
+
+
 def test_select_clips_groups_captions_and_limits():
     class Ex:
         def __init__(self, path, task, text):

@@ -388,6 +388,7 @@ def test_a_stage_finished_for_another_table_is_adopted_not_rerun(tmp_path, monke
     (source.output_dir / "ABLATION_DONE").write_text(shlex.join(source.command))
     (tmp_path / "runs" / "other" / source.output_dir.name).mkdir(parents=True)
     (tmp_path / "runs" / "other" / source.output_dir.name / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "runs" / "other" / source.output_dir.name / "LOG_OWNER").write_text("../../../other-output\n")
 
     ran = []
 
@@ -409,6 +410,7 @@ def test_a_stage_finished_for_another_table_is_adopted_not_rerun(tmp_path, monke
     assert stage_is_current(my_cfg, model, inputs=[tmp_path / "cache.bin"])  # its DONE speaks of this folder now
     assert f"output_dir: {mine.output_dir}" in (mine.output_dir / "config.yaml").read_text()
     assert (tmp_path / "runs" / "x" / mine.output_dir.name / "metrics.jsonl").is_file()  # its curves came along
+    assert not (tmp_path / "runs" / "x" / mine.output_dir.name / "LOG_OWNER").exists()  # the source's owner did not
 
     # Another seed has no finished twin there, and a twin whose command differs beyond its folders is not one.
     (seed1, ), _ = plan_row(other, row, 1)

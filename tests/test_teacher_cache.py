@@ -70,6 +70,8 @@ def test_topk_cache_holds_the_teachers_distribution(setup, tmp_path):
     torch.testing.assert_close(cached.qformer.float(), out_t.qformer_out[0, :2], atol=2e-3, rtol=1e-2)
     assert reader.stats().bytes_per_token > 0
     assert (out / "DONE").is_file()
+    report = json.loads((out / "data_report_train.json").read_text())  # every stage that reads data writes it
+    assert report["entries"] == 5 and report["kept"] == 5
 
 
 def test_second_run_skips_and_corruption_is_detected(setup, tmp_path, capsys):

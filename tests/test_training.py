@@ -42,13 +42,13 @@ def mse(model, batch):
     return {"loss": loss, "mse": loss.detach()}
 
 
-def run(tmp, loss_fn=mse, max_steps=10, run_key="", warmup_steps=2, **loop_kw):
+def run(tmp, loss_fn=mse, max_steps=10, run_key="", warmup_steps=2, log_dir=None, **loop_kw):
     seed_everything(0)
     model = TinyRegressor()
     items, durations = make_data()
     sampler = DurationBucketSampler(durations, batch_size=8, pool_batches=2, seed=0)
     loop = LoopConfig(max_steps=max_steps, log_every=1, eval_every=100, save_every=3, keep_last=2, **loop_kw)
-    with MetricLogger(tmp / "logs", backends=("jsonl",)) as logger:
+    with MetricLogger(log_dir or tmp / "logs", backends=("jsonl",), owner=tmp) as logger:
         fit(model, items, sampler, collate, loss_fn, loop, OptimConfig(lr=1e-2, warmup_steps=warmup_steps), tmp, logger,
             run_key=run_key)
     return model
@@ -93,6 +93,19 @@ def test_checkpoints_of_another_run_key_are_not_resumed(tmp_path, capsys):
     assert [r["step"] for r in read_metrics(tmp_path / "reused/logs")] == steps
     for a, b in zip(rerun.state_dict().values(), same.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_run_into_another_outputs_log_folder_keeps_that_runs_curve(tmp_path):
+    """Two runs with different output folders and one log folder (e.g. an `output_dir=` override beside a fixed
+    `log_dir=`): the second starts at step 0 but must not delete the first's records."""
+    shared = tmp_path / "runs"
+    run(tmp_path / "first", max_steps=4, log_dir=shared)
+    first = read_metrics(shared)
+    run(tmp_path / "second", loss_fn=lambda m, b: {"loss": 2 * mse(m, b)["loss"]}, max_steps=3, log_dir=shared)
+    assert read_metrics(next(shared.glob("previous-*"))) == first
+    assert [r["step"] for r in read_metrics(shared)] == [1, 2, 3]
+    run(tmp_path / "second", max_steps=3, log_dir=shared)  # the second's own rerun: resumes, nothing moves
+    assert len(list(shared.glob("previous-*"))) == 1 and [r["step"] for r in read_metrics(shared)] == [1, 2, 3]
 
 
 def test_logs_every_term_and_lr(tmp_path):
