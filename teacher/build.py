@@ -9,6 +9,7 @@ the same loaders serve both.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -261,7 +262,11 @@ def apply_lora(llm: nn.Module, cfg: LoraSpec) -> nn.Module:
 
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                         target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(llm, config)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` alias: a FutureWarning on every
+        # load that the user cannot act on.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(llm, config)
 
 
 def set_trainable(model: Salmonn, cfg: SalmonnConfig) -> None:
