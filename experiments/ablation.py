@@ -537,7 +537,7 @@ def write_tables(cfg: JobConfig, rows: list[dict], missing: list[str] | None = N
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, _ = parse_cli(JobConfig, argv)
+    cfg, _ = parse_cli(JobConfig, argv, config_required=True)  # a table never runs on defaults nobody chose
     if not cfg.config_path and "--config" in argv:
         cfg.config_path = argv[argv.index("--config") + 1]
     names = [row.name for row in cfg.rows]

@@ -78,6 +78,9 @@ def test_a_job_without_config_stops_before_running():
     out = command("toybench.generate")
     assert out.returncode == 2 and "the following arguments are required: --config" in out.stderr
     assert out.stderr.startswith("usage: python -m toybench.generate")
+    # A job reached through a dispatcher gets its argv as a list, and still refuses to run on defaults.
+    out = command("experiments", "ablation", "status=true")
+    assert out.returncode == 2 and "the following arguments are required: --config" in out.stderr
 
 
 def test_print_config_prints_the_resolved_yaml_and_exits():
