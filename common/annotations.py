@@ -53,6 +53,8 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     skipped_entries: list[dict] = field(default_factory=list)
+    cleaning: dict = field(default_factory=dict)
+    """Counts of `common.cleaning` (VAD, loudness, caption filter) and the training augmentation's settings."""
 
     def skip(self, err: DataError, source: str) -> None:
         self.skipped[err.reason] += 1
@@ -67,6 +69,7 @@ class DataReport:
             "dropped": dict(sorted(self.dropped.items())),
             "skipped": dict(sorted(self.skipped.items())),
             "skipped_entries": self.skipped_entries,
+            **({"cleaning": self.cleaning} if self.cleaning else {}),
         }
 
     def save(self, path: str | Path) -> None:

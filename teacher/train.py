@@ -24,6 +24,7 @@ from torch import nn
 from common.bpe import train_bpe
 from common.config import config_hash, mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig, DurationBucketSampler
+from common.augment import with_augmentation
 from common.feature_store import with_encoder_outputs, with_feature_store
 from common.features import FeatureConfig
 from common.tracking import MetricLogger
@@ -134,11 +135,15 @@ class JobConfig:
 
 
 def load_split(cfg: JobConfig, split: str):
+    """The split scanned (and cleaned), from the feature store when one is set; the train split augmented as
+    `data.augment` says. Its data report goes to `<output_dir>/data_report_<split>.json`."""
     dataset = AudioTextDataset.scan(getattr(cfg.data, split), cfg.data, cfg.features, desc=f"scan {split}")
-    dataset.report.save(Path(cfg.output_dir) / f"data_report_{split}.json")
-    print(f"{split}: {dataset.report.summary()}")
     if cfg.feature_store:
         dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, split)
+    if split == "train":
+        dataset = with_augmentation(dataset, cfg.data.augment, cfg.loop.seed)
+    dataset.report.save(Path(cfg.output_dir) / f"data_report_{split}.json")
+    print(f"{split}: {dataset.report.summary()}")
     return dataset
 
 
@@ -338,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     if force:
         # A forced rerun starts from scratch: the loop would otherwise resume from the old checkpoints.
         shutil.rmtree(out_dir, ignore_errors=True)
+    if cfg.encoder_store and cfg.data.augment.active:
+        raise SystemExit("config error: data.augment changes the encoders' inputs, but encoder_store reads cached "
+                         "encoder outputs of the unaugmented clips; set encoder_store: '' to augment, or turn "
+                         "data.augment off")
     seed_everything(cfg.loop.seed)
     save_resolved(cfg, out_dir)
     train, valid = load_split(cfg, "train"), load_split(cfg, "valid")
