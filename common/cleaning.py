@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,7 +96,9 @@ def _vad_model():
     if "model" not in _VAD_MODEL:
         from silero_vad import load_silero_vad
 
-        _VAD_MODEL["model"] = load_silero_vad()
+        with warnings.catch_warnings():  # its loader's importlib.resources.path and torch.jit.load deprecations
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _VAD_MODEL["model"] = load_silero_vad()
     return _VAD_MODEL["model"]
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from common.annotations import DataError, DataReport, Example, read_examples
 from common.audio import SAMPLE_RATE, AudioError, load_audio, peak_dbfs
 from common.augment import AugmentConfig
-from common.cleaning import Cleaner, CleanConfig
+from common.cleaning import CleanConfig, Cleaner
 from common.config import added_option
 from common.features import AudioFeaturizer, FeatureConfig
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.augment import with_augmentation
 from common.bpe import train_bpe
 from common.config import config_hash, mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import AudioTextCollator, AudioTextDataset, DataConfig, DurationBucketSampler
-from common.augment import with_augmentation
 from common.feature_store import with_encoder_outputs, with_feature_store
 from common.features import FeatureConfig
 from common.tracking import MetricLogger

@@ -48,8 +48,8 @@ def write_split(folder, clips: dict[str, tuple[np.ndarray, str, str]]):
     return path
 
 
-def scan(path, clean=CleanConfig(), **kw):
-    return AudioTextDataset.scan([str(path)], DataConfig(clean=clean, **kw), FEAT)
+def scan(path, clean: CleanConfig | None = None, **kw):
+    return AudioTextDataset.scan([str(path)], DataConfig(clean=clean or CleanConfig(), **kw), FEAT)
 
 
 def test_vad_trims_leading_silence_and_counts_it(tmp_path, speech):
@@ -95,6 +95,20 @@ def test_plans_are_cached_in_memory_and_on_disk(tmp_path, speech, monkeypatch):
     sf.write(tmp_path / "a.wav", np.concatenate([speech, np.zeros(4000, np.float32)]), SAMPLE_RATE)
     scan(path, clean, max_seconds=8.0)  # an edited file (new size and mtime) is planned again
     assert len(calls) == 1
+
+
+def test_feature_store_holds_cleaned_features_under_its_own_key(tmp_path, speech):
+    from common.feature_store import SubsetView, store_key, with_feature_store
+
+    path = write_split(tmp_path, {"a": (np.concatenate([np.zeros(SAMPLE_RATE, np.float32), speech]), "w", "asr")})
+    plain, ds = scan(path, max_seconds=8.0), scan(path, CleanConfig(vad=True), max_seconds=8.0)
+    assert store_key(ds, FEAT) != store_key(plain, FEAT)
+    assert store_key(plain, FEAT) == store_key(scan(path, CleanConfig(cache_dir="x"), max_seconds=8.0), FEAT)
+    stored = with_feature_store(ds, FEAT, tmp_path / "store", "train", workers=1)
+    # The store keeps float16 features; log-mel values lie in about [-1, 1.5], where float16 steps are ≤ 1e-3.
+    torch.testing.assert_close(stored[0]["mel"], ds[0]["mel"], rtol=0, atol=2e-3)
+    assert not torch.allclose(stored[0]["mel"], plain[0]["mel"], atol=0.1)
+    assert store_key(SubsetView(ds, [0]), FEAT) == store_key(ds, FEAT)  # views find the cleaner underneath
 
 
 def test_loudness_normalisation_reaches_target(tmp_path):
