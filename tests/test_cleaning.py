@@ -207,3 +207,38 @@ def test_augmentation_off_returns_the_split_itself(train_split):
     assert with_augmentation(train_split, AugmentConfig(), seed=0) is train_split
     with pytest.raises(ValueError, match="data.augment.speed_perturb"):
         with_augmentation(train_split, AugmentConfig(speed_perturb=1.5), seed=0)
+
+
+def test_fit_tells_the_dataset_each_batch_epoch(tmp_path):
+    """Augmentation draws per (seed, epoch, item): `fit` must set the epoch before it reads a batch's items."""
+    from common.dataset import DurationBucketSampler
+    from common.feature_store import SubsetView
+    from common.tracking import MetricLogger
+    from common.training import LoopConfig, OptimConfig, fit
+
+    class EpochRecorder:
+        examples = durations = [None] * 8
+
+        def __init__(self):
+            self.epoch, self.seen = 0, []
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            self.seen.append(self.epoch)
+            return {"x": torch.full((2,), float(index))}
+
+    recorder = EpochRecorder()
+    model = torch.nn.Linear(2, 1)
+    sampler = DurationBucketSampler([1.0] * 8, batch_size=4, seed=0)  # 2 batches per epoch
+    loop = LoopConfig(max_steps=5, log_every=1, eval_every=100, save_every=100)
+    with MetricLogger(tmp_path / "logs", backends=("jsonl",)) as logger:
+        fit(model, SubsetView(recorder, list(range(8))), sampler,
+            lambda items: {"x": torch.stack([i["x"] for i in items])},
+            lambda m, batch: {"loss": m(batch["x"]).pow(2).mean()}, loop, OptimConfig(lr=1e-3, warmup_steps=1),
+            tmp_path, logger)
+    assert recorder.seen == [0] * 8 + [1] * 8 + [2] * 4
