@@ -379,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         state = fit(trainer, train, sampler, collate, lambda m, batch: m(batch), cfg.loop, cfg.optim, out_dir,
                     logger, evaluate=lambda m, step: evaluate(m.model, step), run_key=phase_key(cfg, "salmonn"))
     extra = {"step": state.step}
+    if getattr(train, "counts", None):  # an AugmentedDataset: what augmentation drew in this process's run
+        print(f"augmentation drew: {dict(train.counts)}")
     if cfg.finetune.steps or cfg.relearn.steps:
         trainer.cfg = dataclasses.replace(trainer.cfg, weight=0.0, qformer_weight=0.0)
         trainer.aligner = None

@@ -109,6 +109,10 @@ def test_feature_store_holds_cleaned_features_under_its_own_key(tmp_path, speech
     torch.testing.assert_close(stored[0]["mel"], ds[0]["mel"], rtol=0, atol=2e-3)
     assert not torch.allclose(stored[0]["mel"], plain[0]["mel"], atol=0.1)
     assert store_key(SubsetView(ds, [0]), FEAT) == store_key(ds, FEAT)  # views find the cleaner underneath
+    # Waveform augmentation over the store reads the (cleaned) clip again: the same item as over the audio files.
+    cfg = AugmentConfig(speed_perturb=0.1, noise_snr_db=20.0, noise_prob=1.0)
+    torch.testing.assert_close(AugmentedDataset(stored, cfg, 3)[0]["mel"], AugmentedDataset(ds, cfg, 3)[0]["mel"],
+                               rtol=0, atol=0)
 
 
 def test_loudness_normalisation_reaches_target(tmp_path):
