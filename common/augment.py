@@ -7,8 +7,8 @@ step, an exact resume reproduces it, and another seed or epoch gives a different
 
 - Speed perturbation (Ko et al., 2015): resample the waveform by a factor drawn from {1 - s, 1, 1 + s}, which
   changes tempo and pitch; the clip's duration changes with it.
-- Additive noise: white Gaussian noise at `noise_snr_db` dB below the clip's mean power, with probability
-  `noise_prob`.
+- Additive noise at `noise_snr_db` dB below the clip's mean power, with probability `noise_prob`: white Gaussian
+  noise, or a random stretch of a random recording from `noise_dir` (e.g. MUSAN's noise folder), looped if short.
 - SpecAugment (Park et al., 2019): `time_masks` time spans and `freq_masks` frequency bands of Whisper's log-mel are
   set to the clip's mean level; BEATs' fbank gets the same time spans (both use 10 ms frames) and the same bands
   scaled to its 128 bins. Masks fall inside the clip's audio, never on Whisper's padding.
@@ -23,12 +23,13 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from math import ceil
+from pathlib import Path
 
 import numpy as np
 import soxr
 import torch
 
-from common.audio import SAMPLE_RATE
+from common.audio import SAMPLE_RATE, load_audio
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class AugmentConfig:
     """Add white Gaussian noise at this signal-to-noise ratio (dB); null: no noise."""
     noise_prob: float = 0.5
     """Probability that a clip gets noise (with `noise_snr_db` set)."""
+    noise_dir: str = ""
+    """Folder of noise recordings (any file soundfile reads; subfolders too) to draw the noise from; empty: white
+    Gaussian noise."""
     time_masks: int = 0
     """SpecAugment time masks per clip."""
     time_mask_frames: int = 40
@@ -78,12 +82,31 @@ def speed_perturb(wav: np.ndarray, factor: float) -> np.ndarray:
     return soxr.resample(wav, SAMPLE_RATE * factor, SAMPLE_RATE, quality="HQ").astype(np.float32)
 
 
-def add_noise(wav: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
-    """`wav` [samples] plus white Gaussian noise whose power is `snr_db` dB below the clip's mean power."""
+NOISE_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+
+def noise_files(folder: str) -> list[Path]:
+    """The audio files under `folder`, sorted (so a seed picks the same file on every machine)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in NOISE_SUFFIXES)
+    if not files:
+        raise ValueError(f"data.augment.noise_dir {folder}: no audio files ({', '.join(NOISE_SUFFIXES)}) in it; "
+                         "point it at a folder of noise recordings or set it to '' for white noise")
+    return files
+
+
+def add_noise(wav: np.ndarray, snr_db: float, rng: np.random.Generator,
+              noise: np.ndarray | None = None) -> np.ndarray:
+    """`wav` [samples] plus noise whose power is `snr_db` dB below the clip's mean power: a random stretch of
+    `noise` [samples] (looped when shorter than the clip), or white Gaussian noise when `noise` is None."""
     power = float(np.mean(wav.astype(np.float64) ** 2)) if len(wav) else 0.0
     if power == 0.0:
         return wav
-    noise = rng.standard_normal(len(wav)) * np.sqrt(power / 10.0 ** (snr_db / 10.0))
+    if noise is None or not np.any(noise):
+        noise = rng.standard_normal(len(wav))
+    else:
+        start = int(rng.integers(0, len(noise)))
+        noise = np.resize(np.roll(noise, -start), len(wav)).astype(np.float64)  # np.resize repeats the stretch
+    noise = noise * np.sqrt(power / 10.0 ** (snr_db / 10.0) / np.mean(noise**2))
     return (wav + noise).astype(np.float32)
 
 
@@ -141,6 +164,7 @@ class AugmentedDataset(torch.utils.data.Dataset):
             raise ValueError("waveform augmentation (data.augment.speed_perturb / noise_snr_db) needs an "
                              "AudioTextDataset or a feature-store view of one with the same items")
         self.root = root
+        self.noise_files = noise_files(cfg.noise_dir) if cfg.noise_dir and cfg.noise_snr_db is not None else []
 
     @property
     def examples(self):
@@ -175,7 +199,10 @@ class AugmentedDataset(torch.utils.data.Dataset):
                 wav = speed_perturb(wav, factor)
                 self.counts["speed_changed"] += factor != 1.0
             if cfg.noise_snr_db is not None and rng.random() < cfg.noise_prob:
-                wav = add_noise(wav, cfg.noise_snr_db, rng)
+                noise = None
+                if self.noise_files:
+                    noise = load_audio(self.noise_files[int(rng.integers(len(self.noise_files)))])
+                wav = add_noise(wav, cfg.noise_snr_db, rng, noise)
                 self.counts["noise_added"] += 1
             item.update(self.root.featurizer(wav))
             item["duration"] = len(wav) / SAMPLE_RATE

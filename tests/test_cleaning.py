@@ -246,3 +246,26 @@ def test_fit_tells_the_dataset_each_batch_epoch(tmp_path):
             lambda m, batch: {"loss": m(batch["x"]).pow(2).mean()}, loop, OptimConfig(lr=1e-3, warmup_steps=1),
             tmp_path, logger)
     assert recorder.seen == [0] * 8 + [1] * 8 + [2] * 4
+
+
+def test_noise_is_added_at_the_chosen_snr(tmp_path):
+    from common.augment import add_noise
+
+    wav = tone(1.0)
+    rng = np.random.default_rng(0)
+    recording = (0.05 * np.sin(np.arange(3000) / 3.0)).astype(np.float32)  # shorter than the clip: looped
+    for noise in (None, recording):
+        noisy = add_noise(wav, 10.0, rng, noise)
+        added = noisy.astype(np.float64) - wav
+        snr = 10 * np.log10(np.mean(wav.astype(np.float64) ** 2) / np.mean(added**2))
+        assert snr == pytest.approx(10.0, abs=0.01)  # exact up to float32 rounding of the sum
+    (tmp_path / "noise").mkdir()
+    sf.write(tmp_path / "noise/hum.wav", recording, SAMPLE_RATE)
+    sf.write(tmp_path / "c.wav", tone(1.0), SAMPLE_RATE)
+    (tmp_path / "s.json").write_text(json.dumps({"annotation": [{"path": "c.wav", "text": "t", "task": "asr"}]}))
+    ds = scan(tmp_path / "s.json")
+    cfg = AugmentConfig(noise_snr_db=0.0, noise_prob=1.0, noise_dir=str(tmp_path / "noise"))
+    hum, white = AugmentedDataset(ds, cfg, 0)[0], AugmentedDataset(ds, dataclasses.replace(cfg, noise_dir=""), 0)[0]
+    assert not torch.allclose(hum["mel"], white["mel"], atol=0.1)
+    with pytest.raises(ValueError, match="noise_dir .*: no audio files"):
+        AugmentedDataset(ds, dataclasses.replace(cfg, noise_dir=str(tmp_path / "nothing")), 0)
