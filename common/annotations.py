@@ -63,6 +63,8 @@ class DataReport:
     """`{"source": "file.json#i", "reason": ...}` per clip dropped by a rule on its audio (too short, too long,
     silent, zero length). Entries cut by a size limit of the config (`max_captions_per_clip`, `max_clips_per_task`)
     are only counted: which ones follows from the file order."""
+    cleaning: dict = field(default_factory=dict)
+    """Counts of `common.cleaning` (VAD, loudness, caption filter) and the training augmentation's settings."""
 
     def skip(self, err: DataError, source: str) -> None:
         self.skipped[err.reason] += 1
@@ -82,6 +84,7 @@ class DataReport:
             "skipped": dict(sorted(self.skipped.items())),
             "skipped_entries": self.skipped_entries,
             "dropped_entries": self.dropped_entries,
+            **({"cleaning": self.cleaning} if self.cleaning else {}),
         }
 
     def save(self, path: str | Path) -> None:

@@ -324,8 +324,8 @@ def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = ""
     Returns the config and whether `--force` (rerun even if the output is up to date) was given. On the command
     line (`argv` None) `--config` is required, so that a job never runs on defaults nobody chose; a Python caller
     passing `argv` may leave it out and start from the dataclass defaults (`config_required=True` refuses that too,
-    for a command reached through a dispatcher such as `python -m experiments ablation`). `--print-config` prints the resolved
-    YAML and exits 0. `--help` lists every config key (see `common.cli`).
+    for a command reached through a dispatcher such as `python -m experiments ablation`). `--print-config` prints the
+    resolved YAML and exits 0. `--help` lists every config key (see `common.cli`).
     """
     import sys
 
@@ -333,7 +333,8 @@ def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = ""
 
     job = job_name(cls)
     source = getattr(sys.modules.get(cls.__module__), "__file__", None)
-    parser = job_parser(job, source, cls.__name__, description=description, config_required=argv is None if config_required is None else config_required)
+    required = argv is None if config_required is None else config_required
+    parser = job_parser(job, source, cls.__name__, description=description, config_required=required)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(cls, args.config, args.overrides)

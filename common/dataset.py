@@ -21,6 +21,8 @@ from tqdm import tqdm
 
 from common.annotations import DataError, DataReport, Example, HFDatasetOptions, read_examples
 from common.audio import SAMPLE_RATE, AudioError, load_audio, peak_dbfs
+from common.augment import AugmentConfig
+from common.cleaning import CleanConfig, Cleaner
 from common.config import added_option
 from common.features import AudioFeaturizer, FeatureConfig
 
@@ -73,6 +75,12 @@ class DataConfig:
 
     def hf_options(self) -> HFDatasetOptions:
         return HFDatasetOptions(self.hf_subset, dict(self.hf_columns), self.hf_task)
+    clean: CleanConfig = added_option(CleanConfig())
+    """VAD trimming, loudness normalisation and a caption filter, applied when the split is scanned
+    (`common.cleaning`); counts under `cleaning` in the data report."""
+    augment: AugmentConfig = added_option(AugmentConfig())
+    """Training-time augmentation of the training split (`common.augment`): speed perturbation, additive noise,
+    SpecAugment masks; off by default, deterministic per (seed, epoch, item)."""
 
 
 def _drop_reason(wav: np.ndarray, cfg: DataConfig) -> str | None:
@@ -130,12 +138,13 @@ class AudioTextDataset(Dataset):
     """
 
     def __init__(self, examples: list[Example], durations: list[float], data_cfg: DataConfig,
-                 feature_cfg: FeatureConfig, report: DataReport):
+                 feature_cfg: FeatureConfig, report: DataReport, cleaner: Cleaner | None = None):
         self.examples = examples
         self.durations = durations
         self.data_cfg = data_cfg
         self.featurizer = AudioFeaturizer(feature_cfg)
         self.report = report
+        self.cleaner = cleaner if cleaner is not None else Cleaner(data_cfg.clean)
 
     @classmethod
     def scan(cls, sources: list[str], data_cfg: DataConfig, feature_cfg: FeatureConfig,
@@ -149,6 +158,7 @@ class AudioTextDataset(Dataset):
         if data_cfg.max_clips_per_task:
             examples = _first_clips(examples, data_cfg.max_clips_per_task, report)
         kept, durations = [], []
+        cleaner = Cleaner(data_cfg.clean)
         for ex in tqdm(examples, desc=desc, unit="clip", leave=False, disable=None):
             try:
                 wav = load_audio(ex.path, data=ex.audio_bytes)
@@ -158,15 +168,20 @@ class AudioTextDataset(Dataset):
                                     "skip (and count) clips that cannot be read", err.reason) from None
                 report.skip(DataError(str(err), err.reason), ex.source)
                 continue
-            reason = _drop_reason(wav, data_cfg)
+            wav = cleaner(ex, wav, count=True)  # VAD trimming, loudness (common.cleaning); `wav` itself when off
+            reason = "vad_no_speech" if wav is None else _drop_reason(wav, data_cfg)
             if reason:
                 report.drop(reason, ex.source)
                 continue
             kept.append(ex)
             durations.append(len(wav) / SAMPLE_RATE)
+        kept, durations = cleaner.filter_captions(
+            kept, durations, lambda i: cleaner(kept[i], load_audio(kept[i].path, data=kept[i].audio_bytes)), report)
+        cleaner.save()
+        report.cleaning.update(cleaner.report())
         report.kept = len(kept)
         report.kept_seconds = float(sum(durations))
-        return cls(kept, durations, data_cfg, feature_cfg, report)
+        return cls(kept, durations, data_cfg, feature_cfg, report, cleaner)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -174,9 +189,14 @@ class AudioTextDataset(Dataset):
     def prompt(self, ex: Example) -> str:
         return ex.prompt if ex.prompt else self.data_cfg.prompts[ex.task]
 
+    def load_wav(self, index: int) -> np.ndarray:
+        """Item `index`'s audio `[samples]` (float32, 16 kHz), cleaned as the scan cleaned it."""
+        ex = self.examples[index]
+        return self.cleaner(ex, load_audio(ex.path, data=ex.audio_bytes))
+
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
-        wav = load_audio(ex.path, data=ex.audio_bytes)
+        wav = self.load_wav(index)
         item = self.featurizer(wav)
         item.update(text=ex.text, task=ex.task, prompt=self.prompt(ex), path=ex.path,
                     duration=self.durations[index], index=index)

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from common.audio import load_audio
+from common.cleaning import Cleaner, ClipPlan, clip_identity, options_key
 from common.dataset import AudioTextCollator, AudioTextDataset
 from common.features import AudioFeaturizer, FeatureConfig
 
@@ -44,14 +45,22 @@ def unique_clips(dataset: AudioTextDataset) -> tuple[list, list[int]]:
     return unique, index
 
 
+def _cleaner(dataset) -> Cleaner | None:
+    """The `Cleaner` of the `AudioTextDataset` under `dataset`'s views."""
+    while not hasattr(dataset, "cleaner") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return getattr(dataset, "cleaner", None)
+
+
 def store_key(dataset: AudioTextDataset, feature_cfg: FeatureConfig) -> str:
-    """Hash of the clip list (paths, sizes, modification times) and of the feature settings."""
+    """Hash of the clip list (paths, sizes, modification times), of the feature settings and, when cleaning changes
+    the audio (VAD, loudness), of the cleaning options."""
     h = hashlib.sha256(json.dumps(vars(feature_cfg), sort_keys=True).encode())
+    cleaner = _cleaner(dataset)
+    if cleaner is not None and cleaner.cfg.changes_audio:
+        h.update(f"clean|{options_key(cleaner.cfg)}".encode())
     for ex in unique_clips(dataset)[0]:
-        path = Path(ex.path)
-        stat = path.stat() if ex.audio_bytes is None else None
-        size = stat.st_size if stat else len(ex.audio_bytes)
-        h.update(f"{ex.path}|{size}|{stat.st_mtime_ns if stat else 0}".encode())
+        h.update(clip_identity(ex.path, ex.audio_bytes).encode())
     return h.hexdigest()[:16]
 
 
@@ -63,15 +72,24 @@ def _init_worker(feature_cfg: FeatureConfig) -> None:
     _WORKER["featurizer"] = AudioFeaturizer(feature_cfg)
 
 
-def _featurize(job: tuple[str, bytes | None]) -> dict[str, torch.Tensor]:
-    path, data = job
-    return _WORKER["featurizer"](load_audio(path, data=data))
+def _featurize(job: tuple[str, bytes | None, ClipPlan | None]) -> dict[str, torch.Tensor]:
+    path, data, plan = job
+    wav = load_audio(path, data=data)
+    return _WORKER["featurizer"](plan.apply(wav) if plan is not None else wav)
+
+
+def _plan(cleaner: Cleaner | None, ex) -> ClipPlan | None:
+    """The clip's cleaning plan (made when the split was scanned), None when cleaning leaves audio alone."""
+    if cleaner is None or not cleaner.cfg.changes_audio:
+        return None
+    return cleaner.plan(ex.path, ex.audio_bytes, ex.task)
 
 
 def build_store(dataset: AudioTextDataset, feature_cfg: FeatureConfig, path: Path, workers: int = 2) -> None:
     """Featurize every distinct clip of `dataset` and write `mel` [N, n_mels, frames] and the concatenated
     `fbank` [Σ frames_i, 128] with `fbank_offsets` [N + 1] (float16) to `path`, atomically."""
-    jobs = [(ex.path, ex.audio_bytes) for ex in unique_clips(dataset)[0]]
+    cleaner = _cleaner(dataset)
+    jobs = [(ex.path, ex.audio_bytes, _plan(cleaner, ex)) for ex in unique_clips(dataset)[0]]
     mels, fbanks = [], []
     ctx = get_context("fork")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(feature_cfg,)) as pool:
@@ -114,6 +132,11 @@ class _DatasetView(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch on to an augmented dataset underneath (`common.augment`)."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
 
 class SubsetView(_DatasetView):

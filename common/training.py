@@ -498,6 +498,8 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
         for micro in range(loop.grad_accum):
             epoch, index, ids = next(batches)
             state.epoch, state.batch_in_epoch = epoch, index + 1
+            if hasattr(dataset, "set_epoch"):  # augmentation draws per (seed, epoch, item): common.augment
+                dataset.set_epoch(epoch)
             batch = _to_device(collate([dataset[i] for i in ids]), device)
             # DDP all-reduces gradients only after the last micro-batch of a step.
             last_micro = micro == loop.grad_accum - 1

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.augment import with_augmentation
 from common.bpe import train_bpe
 from common.cli import run
 from common.config import config_hash, mark_stage_done, parse_cli, save_resolved, stage_is_current
@@ -144,9 +145,14 @@ class JobConfig:
 
 
 def load_split(cfg: JobConfig, split: str):
+    """The split scanned (and cleaned), from the feature store when one is set; the train split augmented as
+    `data.augment` says. Its data report goes to `<output_dir>/data_report_<split>.json`."""
     dataset = scan_split(cfg.data, cfg.features, split, cfg.output_dir)
     if cfg.feature_store:
         dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, split)
+    if split == "train":
+        dataset = with_augmentation(dataset, cfg.data.augment, cfg.loop.seed)
+        dataset.report.save(Path(cfg.output_dir) / f"data_report_{split}.json")  # with the augmentation's settings
     return dataset
 
 
@@ -347,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     if force:
         # A forced rerun starts from scratch: the loop would otherwise resume from the old checkpoints.
         shutil.rmtree(out_dir, ignore_errors=True)
+    if cfg.encoder_store and cfg.data.augment.active:
+        raise SystemExit("config error: data.augment changes the encoders' inputs, but encoder_store reads cached "
+                         "encoder outputs of the unaugmented clips; set encoder_store: '' to augment, or turn "
+                         "data.augment off")
     seed_everything(cfg.loop.seed)
     save_resolved(cfg, out_dir)
     train, valid = load_split(cfg, "train"), load_split(cfg, "valid")
@@ -379,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         state = fit(trainer, train, sampler, collate, lambda m, batch: m(batch), cfg.loop, cfg.optim, out_dir,
                     logger, evaluate=lambda m, step: evaluate(m.model, step), run_key=phase_key(cfg, "salmonn"))
     extra = {"step": state.step}
+    if getattr(train, "counts", None):  # an AugmentedDataset: what augmentation drew in this process's run
+        print(f"augmentation drew: {dict(train.counts)}")
     if cfg.finetune.steps or cfg.relearn.steps:
         trainer.cfg = dataclasses.replace(trainer.cfg, weight=0.0, qformer_weight=0.0)
         trainer.aligner = None
