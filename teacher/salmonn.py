@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.dataset import ENCODER_OUTPUTS
+from common.fbank import BEATS_SILENT_FRAME
+from common.features import fbank_frames
 from evaluation.interface import AudioLanguageModel
 from teacher.qformer import WindowQFormer
 
@@ -86,6 +88,38 @@ def whole_patch_padding(fbank: torch.Tensor, padding_mask: torch.Tensor | None) 
         frames = (~padding_mask).sum(1)
     whole = frames // BEATS_PATCH_FRAMES * BEATS_PATCH_FRAMES
     return torch.arange(fbank.shape[1], device=fbank.device)[None] >= whole[:, None]
+
+
+def official_fbank_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fbank `[batch, frames, 128]` and padding mask `[batch, frames]` that the official SALMONN gives BEATs.
+
+    It pads the waveforms with zeros to the longest clip, computes the fbank of each padded waveform and derives the
+    frame mask from the sample mask (`downsample_padding_mask`). Per clip that is its own frames, then its tail
+    frames over its last samples and zeros (`fbank_tail` from the collator), then the all-zero frame's value; and
+    the mask can keep a frame or two more than the clip's own. Needs the collator's `fbank_tail` and `samples`.
+    """
+    from teacher.beats import downsample_padding_mask
+
+    if "fbank_tail" not in batch or "samples" not in batch:
+        raise ValueError("beats.padding_features: official needs the batch's `fbank_tail` and `samples` (from "
+                         "common.dataset.AudioTextCollator on items of common.features.AudioFeaturizer); a feature "
+                         "store written before them is rebuilt under a new name: delete the old one")
+    fbank, own_mask, tail = batch["fbank"], batch["fbank_padding_mask"], batch["fbank_tail"].to(batch["fbank"])
+    samples = batch["samples"].to(fbank.device)
+    frames = fbank.shape[1]
+    longest = int(samples.max())
+    if fbank_frames(longest) != frames:
+        raise ValueError(f"the batch's fbank has {frames} frames but its longest clip ({longest} samples) gives "
+                         f"{fbank_frames(longest)}: `samples` does not belong to this fbank")
+    position = torch.arange(frames, device=fbank.device)[None]  # [1, frames]
+    own = (~own_mask).sum(1, keepdim=True)  # [batch, 1]
+    index = (position - own).clamp(0, tail.shape[1] - 1)  # tail frame read at each position
+    tail_frames = torch.gather(tail, 1, index[..., None].expand(-1, -1, tail.shape[-1]))
+    past_tail = (position - own >= tail.shape[1])[..., None]
+    padded = torch.where(past_tail, torch.full_like(fbank, BEATS_SILENT_FRAME), tail_frames)
+    fbank = torch.where((position < own)[..., None], fbank, padded)
+    sample_mask = torch.arange(longest, device=fbank.device)[None] >= samples[:, None]
+    return fbank, downsample_padding_mask(sample_mask, frames)
 
 
 @dataclass
@@ -218,15 +252,18 @@ class Salmonn(AudioLanguageModel):
         """BEATs features `[batch, tokens, d_beats]` of the batch's fbank.
 
         At padded tokens they are what BEATs computed there (`beats_padding` "official": the released SALMONN feeds
-        them unmasked through `ln_audio` into the Q-Former) or zeros ("zero"). With `trim_to_audio` (which needs
+        them unmasked through `ln_audio` into the Q-Former, and its fbank and mask are the official ones, see
+        `official_fbank_batch`) or zeros ("zero"). With `trim_to_audio` (which needs
         "zero"), a clip's last, incomplete patch counts as padding and the batch is cut to its longest clip's tokens,
         so a clip's features do not depend on its batch.
         """
         dtype = next(self.audio_encoder.parameters()).dtype
-        mask = batch.get("fbank_padding_mask")
+        fbank, mask = batch["fbank"], batch.get("fbank_padding_mask")
         if self.trim_to_audio:
-            mask = whole_patch_padding(batch["fbank"], mask)
-        features, mask = self.audio_encoder.forward_fbank(batch["fbank"].to(dtype), mask)
+            mask = whole_patch_padding(fbank, mask)
+        elif self.beats_padding == "official" and mask is not None and bool(mask.any()):
+            fbank, mask = official_fbank_batch(batch)
+        features, mask = self.audio_encoder.forward_fbank(fbank.to(dtype), mask)
         if mask is not None and self.beats_padding == "zero":
             features = features.masked_fill(mask.unsqueeze(-1), 0.0)
             if self.trim_to_audio:

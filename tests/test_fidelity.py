@@ -22,10 +22,12 @@ import torch.nn.functional as F
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common.dataset import pad_sequences
+from common.dataset import AudioTextCollator
+from common.fbank import BEATS_SILENT_FRAME
+from common.features import AudioFeaturizer, FeatureConfig
 from teacher.build import CheckpointError, LLMConfig, build_salmonn, load_tokenizer
 from teacher.checkpoint import MODEL_CONFIG, load_model_folder, read_model_config, save_model_folder
-from teacher.salmonn import prompt_pieces
+from teacher.salmonn import official_fbank_batch, prompt_pieces
 from teacher.tokenizer import PROBE_TEXTS, SentencePieceTokenizer, encoding_identity, sentencepiece_disagreements
 from tests.tiny_salmonn import write_official_layout
 
@@ -42,20 +44,27 @@ def official(tmp_path_factory):
     return root, write_official_layout(root)
 
 
-def two_clip_batch(seed: int = 0) -> dict:
-    """Clips of 2.0 s and 1.2 s: full-chunk mel (Whisper reads 200 frames) and fbanks padded to the longer clip."""
+def two_clip_batch(seed: int = 0) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Clips of 2.0 s and 1.3711 s through smolt's featurizer and collator; also the official BEATs input: the
+    zero-padded waveforms `[2, samples]` and their sample padding mask (True = padding), as SALMONN's collater."""
     g = torch.Generator().manual_seed(seed)
-    fbank, mask = pad_sequences([torch.randn(198, 128, generator=g), torch.randn(118, 128, generator=g)])
-    return {"mel": torch.randn(2, 80, 200, generator=g), "fbank": fbank, "fbank_padding_mask": mask,
-            "prompts": ["Recognize the speech.", "Describe the audio."]}
+    wavs = [0.1 * torch.randn(32000, generator=g), 0.1 * torch.randn(21937, generator=g)]
+    featurizer = AudioFeaturizer(FeatureConfig(whisper_chunk_seconds=2))  # the tiny Whisper reads 200 frames
+    items = [{**featurizer(w.numpy()), "text": "x", "task": "asr", "prompt": "Recognize the speech.", "path": f"{i}",
+              "duration": w.shape[0] / 16000, "index": i} for i, w in enumerate(wavs)]
+    batch = AudioTextCollator()(items)
+    raw_wav = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)
+    lengths = torch.tensor([w.shape[0] for w in wavs])
+    return batch, raw_wav, torch.arange(raw_wav.shape[1])[None] >= lengths[:, None]
 
 
-def official_speech_embeds(model, batch: dict) -> torch.Tensor:
-    """SALMONN's `encode_speech` + `_encode_auditory_feature`, written out from the release: BEATs' features
-    unmasked, both layer-normed, zero-padded to one length, joined, cut into 17-frame windows with `F.unfold`,
-    each window read by the Q-Former with an all-ones attention mask, projected. `[batch, windows, llm_dim]`."""
-    speech = model.ln_speech(model.speech_encoder(batch["mel"]).last_hidden_state)
-    audio, _ = model.audio_encoder.forward_fbank(batch["fbank"], batch["fbank_padding_mask"])
+def official_speech_embeds(model, mel: torch.Tensor, raw_wav: torch.Tensor, padding_mask: torch.Tensor):
+    """SALMONN's `encode_speech` + `_encode_auditory_feature`, written out from the release: BEATs'
+    `extract_features` on the zero-padded waveforms with the sample padding mask, its outputs unmasked, both
+    encoders layer-normed, zero-padded to one length, joined, cut into 17-frame windows with `F.unfold`, each
+    window read by the Q-Former with an all-ones attention mask, projected. `[batch, windows, llm_dim]`."""
+    speech = model.ln_speech(model.speech_encoder(mel).last_hidden_state)
+    audio, _ = model.audio_encoder.extract_features(raw_wav, padding_mask)
     audio = model.ln_audio(audio)
     if audio.size(1) < speech.size(1):
         audio = F.pad(audio, (0, 0, 0, speech.size(1) - audio.size(1)))
@@ -80,16 +89,27 @@ def test_padded_batch_matches_the_official_unmasked_computation(official):
     model, _ = build_salmonn(cfg)
     model.eval()
     assert model.beats_padding == "official"  # the default for a model built from the official checkpoints
-    batch = two_clip_batch()
-    reference = official_speech_embeds(model, batch)
-    # Same ops in another order (unfold vs view windows): float32 rounding only.
+    batch, raw_wav, padding_mask = two_clip_batch()
+    reference = official_speech_embeds(model, batch["mel"], raw_wav, padding_mask)
+    # The same ops in another order (unfold vs view windows, fbank per clip vs per padded waveform): float32
+    # rounding only, against outputs of order 1.
     torch.testing.assert_close(model.encode_audio(batch), reference, atol=1e-5, rtol=1e-5)
 
-    # The masked variant departs exactly on the padded clip's windows that read padded BEATs tokens.
+    # The official fbank and mask differ from the per-clip ones at the padded clip's end: its mask keeps a frame or
+    # two more, and the frames after its audio read the fbank of zeros, not 0.
+    fbank, mask = official_fbank_batch(batch)
+    assert int((~mask[1]).sum()) > int((~batch["fbank_padding_mask"][1]).sum())
+    assert torch.allclose(fbank[1, -1], torch.full((128,), BEATS_SILENT_FRAME))
+
+    # The masked variant departs on the padded clip only.
     model.beats_padding = "zero"
     zeroed = model.encode_audio(batch)
     assert torch.allclose(zeroed[0], reference[0], atol=1e-5)  # the longer clip has no padding
     assert (zeroed[1] - reference[1]).abs().max() > 1e-3
+
+    model.beats_padding = "official"
+    with pytest.raises(ValueError, match="needs the batch's `fbank_tail` and `samples`"):
+        model.encode_audio({k: v for k, v in batch.items() if k != "fbank_tail"})
 
 
 def test_trim_to_audio_needs_zeroed_padding(official):
