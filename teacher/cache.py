@@ -11,6 +11,7 @@ An interrupted run resumes without recomputing finished shards.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -26,8 +27,16 @@ from common.device import InferenceDtype, place_for_inference
 from common.feature_store import SubsetView, with_feature_store
 from common.features import FeatureConfig
 from evaluation.interface import move_batch
-from teacher.build import SalmonnConfig, build_salmonn
-from teacher.cache_store import CachedSample, CacheIdentity, CacheReader, CacheWriter, config_hash, tokenizer_identity
+from teacher.build import LLMConfig, SalmonnConfig, build_salmonn, load_tokenizer
+from teacher.cache_store import (
+    MANIFEST,
+    CachedSample,
+    CacheIdentity,
+    CacheReader,
+    CacheWriter,
+    config_hash,
+    tokenizer_identity,
+)
 from teacher.checkpoint import MODEL_CONFIG, load_model_folder, read_model_config
 from teacher.qformer import num_windows
 from teacher.salmonn import shift_for_next_token
@@ -104,6 +113,19 @@ def cache_identity(cfg: JobConfig, tokenizer) -> CacheIdentity:
                          config_hash=config_hash(relevant), mode=cfg.mode, k=cfg.k, dtype=cfg.dtype)
 
 
+def finished_cache_matches(cfg: JobConfig, out_dir: Path) -> bool:
+    """Whether the cache in `out_dir` records the teacher and tokenizer identity this code computes now. The folder's
+    files can be unchanged while what the teacher computes is not (a folder written before
+    `beats.padding_features`, a tokenizer now read with sentencepiece's semantics); such a cache is stale."""
+    manifest = out_dir / MANIFEST
+    if not manifest.is_file():
+        return False
+    header = json.loads(manifest.read_text())
+    llm = LLMConfig(path=str(Path(cfg.teacher_folder) / "llm")) if cfg.teacher_folder else cfg.teacher.llm
+    identity = cache_identity(cfg, load_tokenizer(llm))
+    return header.get("teacher") == identity.teacher and header.get("tokenizer") == identity.tokenizer
+
+
 def load_teacher(cfg: JobConfig):
     if cfg.teacher_folder:
         model = load_model_folder(cfg.teacher_folder)
@@ -144,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, force = parse_cli(JobConfig, argv)
     out_dir = Path(cfg.output_dir)
     inputs = [cfg.teacher_folder]
-    if stage_is_current(cfg, out_dir, inputs=inputs) and not force:
+    if stage_is_current(cfg, out_dir, inputs=inputs) and finished_cache_matches(cfg, out_dir) and not force:
         print(f"teacher cache up to date: {out_dir} (use --force to rebuild)")
         return 0
     dataset = AudioTextDataset.scan(getattr(cfg.data, cfg.split), cfg.data, cfg.features, desc=f"scan {cfg.split}")
