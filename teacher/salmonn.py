@@ -22,7 +22,7 @@ from torch import nn
 
 from common.dataset import ENCODER_OUTPUTS
 from common.fbank import BEATS_SILENT_FRAME
-from common.features import fbank_frames
+from common.features import FBANK_SHIFT, FBANK_WINDOW, fbank_frames
 from evaluation.interface import AudioLanguageModel
 from teacher.qformer import WindowQFormer
 
@@ -108,9 +108,11 @@ def official_fbank_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     samples = batch["samples"].to(fbank.device)
     frames = fbank.shape[1]
     longest = int(samples.max())
-    if fbank_frames(longest) != frames:
+    if fbank_frames(longest) > frames:
         raise ValueError(f"the batch's fbank has {frames} frames but its longest clip ({longest} samples) gives "
                          f"{fbank_frames(longest)}: `samples` does not belong to this fbank")
+    if fbank_frames(longest) < frames:  # padded past its longest clip (rows split from a larger batch):
+        longest = FBANK_WINDOW + FBANK_SHIFT * (frames - 1)  # as waveforms zero-padded to give that many frames
     position = torch.arange(frames, device=fbank.device)[None]  # [1, frames]
     own = (~own_mask).sum(1, keepdim=True)  # [batch, 1]
     index = (position - own).clamp(0, tail.shape[1] - 1)  # tail frame read at each position
