@@ -24,6 +24,7 @@ from common.audio import SAMPLE_RATE, AudioError, load_audio, peak_dbfs
 from common.augment import AugmentConfig
 from common.cleaning import CleanConfig, Cleaner
 from common.config import added_option
+from common.fbank import BEATS_SILENT_FRAME
 from common.features import AudioFeaturizer, FeatureConfig
 
 ENCODER_OUTPUTS = ("speech_encoder_out", "audio_encoder_out")
@@ -222,7 +223,8 @@ class AudioTextCollator:
     """Pads a list of dataset items into a batch.
 
     Output keys: `mel` [batch, n_mels, frames] and `mel_frames` [batch] (frames holding audio); `fbank`
-    [batch, max_frames, 128] with `fbank_padding_mask` [batch, max_frames] (True = padding, BEATs' convention);
+    [batch, max_frames, 128] with `fbank_padding_mask` [batch, max_frames] (True = padding, BEATs' convention),
+    `fbank_tail` [batch, ≤ 4, 128] and `samples` [batch] (each clip's length in 16 kHz samples);
     `texts`, `tasks`, `prompts`, `paths` (lists);
     `index` [batch]; cached encoder outputs (`ENCODER_OUTPUTS`), when the items have them, zero-padded to
     [batch, max_frames, dim]. With a tokenizer also `target_ids` [batch, max_len] (target text + end token, right-padded
@@ -246,6 +248,11 @@ class AudioTextCollator:
         }
         if "fbank" in items[0]:
             batch["fbank"], batch["fbank_padding_mask"] = pad_sequences([it["fbank"] for it in items])
+        if "fbank_tail" in items[0]:
+            # For the official BEATs padding (`teacher.salmonn.official_fbank_batch`): each clip's tail frames and
+            # its length in samples, from which the official padding mask is derived.
+            batch["fbank_tail"] = pad_sequences([it["fbank_tail"] for it in items], BEATS_SILENT_FRAME)[0]
+            batch["samples"] = torch.tensor([round(it["duration"] * SAMPLE_RATE) for it in items])
         for key in ENCODER_OUTPUTS:
             if key in items[0]:
                 batch[key] = pad_sequences([it[key] for it in items])[0]

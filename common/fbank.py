@@ -128,3 +128,9 @@ def beats_fbank(waveform: torch.Tensor) -> torch.Tensor:
     """
     fbank = kaldi_fbank(waveform * 2**15, num_mel_bins=128, sample_frequency=16000.0)
     return (fbank - BEATS_FBANK_MEAN) / (2 * BEATS_FBANK_STD)
+
+
+BEATS_SILENT_FRAME = (math.log(_LOG_FLOOR) - BEATS_FBANK_MEAN) / (2 * BEATS_FBANK_STD)
+"""Every bin of `beats_fbank` on an all-zero frame (about -2.39): what the official BEATs reads at a batch's padding,
+where it computes the fbank of zero-padded waveforms."""
+

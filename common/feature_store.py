@@ -55,7 +55,8 @@ def _cleaner(dataset) -> Cleaner | None:
 def store_key(dataset: AudioTextDataset, feature_cfg: FeatureConfig) -> str:
     """Hash of the clip list (paths, sizes, modification times), of the feature settings and, when cleaning changes
     the audio (VAD, loudness), of the cleaning options."""
-    h = hashlib.sha256(json.dumps(vars(feature_cfg), sort_keys=True).encode())
+    # "fbank_tail": stores written before it (without the tails) get another name, so they are rebuilt.
+    h = hashlib.sha256(json.dumps({**vars(feature_cfg), "fbank_tail": 1}, sort_keys=True).encode())
     cleaner = _cleaner(dataset)
     if cleaner is not None and cleaner.cfg.changes_audio:
         h.update(f"clean|{options_key(cleaner.cfg)}".encode())
@@ -87,10 +88,11 @@ def _plan(cleaner: Cleaner | None, ex) -> ClipPlan | None:
 
 def build_store(dataset: AudioTextDataset, feature_cfg: FeatureConfig, path: Path, workers: int = 2) -> None:
     """Featurize every distinct clip of `dataset` and write `mel` [N, n_mels, frames] and the concatenated
-    `fbank` [Σ frames_i, 128] with `fbank_offsets` [N + 1] (float16) to `path`, atomically."""
+    `fbank` [Σ frames_i, 128] with `fbank_offsets` [N + 1] and `fbank_tail` with `fbank_tail_offsets` (float16) to
+    `path`, atomically."""
     cleaner = _cleaner(dataset)
     jobs = [(ex.path, ex.audio_bytes, _plan(cleaner, ex)) for ex in unique_clips(dataset)[0]]
-    mels, fbanks = [], []
+    mels, fbanks, tails = [], [], []
     ctx = get_context("fork")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(feature_cfg,)) as pool:
         for item in tqdm(pool.imap(_featurize, jobs, chunksize=16), total=len(jobs), desc=f"features {path.name}",
@@ -98,11 +100,13 @@ def build_store(dataset: AudioTextDataset, feature_cfg: FeatureConfig, path: Pat
             mels.append(item["mel"].half())
             if "fbank" in item:
                 fbanks.append(item["fbank"].half())
+                tails.append(item["fbank_tail"].half())
     tensors = {"mel": torch.stack(mels)}
-    if fbanks:
-        lengths = torch.tensor([0] + [f.shape[0] for f in fbanks])
-        tensors["fbank"] = torch.cat(fbanks)
-        tensors["fbank_offsets"] = torch.cumsum(lengths, 0)
+    for key, seqs in (("fbank", fbanks), ("fbank_tail", tails)):
+        if seqs:
+            lengths = torch.tensor([0] + [f.shape[0] for f in seqs])
+            tensors[key] = torch.cat(seqs)
+            tensors[f"{key}_offsets"] = torch.cumsum(lengths, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"clips": str(len(jobs))})
@@ -189,9 +193,10 @@ class StoredFeatureDataset(_DatasetView):
         ex = self.dataset.examples[index]
         row = self.rows[index]
         item = {"mel": f.get_slice("mel")[row : row + 1][0].float()}
-        if "fbank" in f.keys():
-            offsets = f.get_slice("fbank_offsets")[row : row + 2].tolist()
-            item["fbank"] = f.get_slice("fbank")[offsets[0] : offsets[1]].float()
+        for key in ("fbank", "fbank_tail"):
+            if key in f.keys():
+                offsets = f.get_slice(f"{key}_offsets")[row : row + 2].tolist()
+                item[key] = f.get_slice(key)[offsets[0] : offsets[1]].float()
         item.update(text=ex.text, task=ex.task, prompt=self.prompt(ex), path=ex.path,
                     duration=self.dataset.durations[index], index=index)
         return item

@@ -45,9 +45,31 @@ class AudioFeaturizer:
         return self.whisper.nb_max_frames
 
     def __call__(self, wav: np.ndarray) -> dict[str, torch.Tensor]:
-        """Returns `mel` [n_mels, chunk frames] and, if enabled, `fbank` [frames, 128] (10 ms frames)."""
+        """Returns `mel` [n_mels, chunk frames] and, if enabled, `fbank` [frames, 128] (10 ms frames) and
+        `fbank_tail` [≤ 4, 128] (`fbank_tail`)."""
         mel = self.whisper(wav, sampling_rate=SAMPLE_RATE, return_tensors="np", padding="max_length")
         out = {"mel": torch.from_numpy(mel["input_features"][0])}
         if self.cfg.beats:
             out["fbank"] = beats_fbank(torch.from_numpy(wav)[None])[0]
+            out["fbank_tail"] = fbank_tail(torch.from_numpy(wav))
         return out
+
+
+FBANK_WINDOW, FBANK_SHIFT = 400, 160
+"""Kaldi fbank frame length and shift in samples (25 ms, 10 ms at 16 kHz)."""
+
+
+def fbank_frames(samples: int) -> int:
+    """Whole fbank frames of `samples` samples (`snip_edges`)."""
+    return 0 if samples < FBANK_WINDOW else 1 + (samples - FBANK_WINDOW) // FBANK_SHIFT
+
+
+def fbank_tail(wav: torch.Tensor) -> torch.Tensor:
+    """`[frames, 128]`: the fbank frames that a zero-padded batch waveform has past this clip's own frames while they
+    still overlap its audio (its last samples, then zeros), up to the first all-zero frame.
+
+    The official SALMONN computes BEATs' fbank on the batch's zero-padded waveforms; a clip's own frames are the
+    same alone, these are not, and the frames after them read `BEATS_SILENT_FRAME`."""
+    start = fbank_frames(wav.shape[0]) * FBANK_SHIFT
+    segment = torch.cat([wav[start:].float(), wav.new_zeros(FBANK_WINDOW, dtype=torch.float32)])
+    return beats_fbank(segment[None])[0]

@@ -32,10 +32,8 @@ from torch import nn
 from common.cli import run
 from common.config import (
     added_option,
-    from_dict,
     mark_stage_done,
     parse_cli,
-    read_yaml,
     save_resolved,
     stage_is_current,
     stage_key,
@@ -65,9 +63,9 @@ from student.build import (
     save_student_folder,
 )
 from teacher.build import LLMConfig, SalmonnConfig, load_tokenizer
-from teacher.cache import sample_keys, teacher_identity
-from teacher.cache_store import CacheReader, tokenizer_identity
-from teacher.checkpoint import load_model_folder
+from teacher.cache import sample_keys, teacher_identity, teacher_tokenizer_identity
+from teacher.cache_store import CacheReader
+from teacher.checkpoint import load_model_folder, read_model_config
 from teacher.salmonn import Salmonn, shift_for_next_token
 from teacher.train import ValidationConfig, load_split, validator
 
@@ -371,7 +369,7 @@ def build(cfg: JobConfig, train) -> tuple[Distiller, SalmonnConfig]:
     t_tok = teacher_tokenizer_of(cfg.teacher_folder)
     if cfg.init_from:
         student = load_student_folder(cfg.init_from)
-        student_cfg = from_dict(SalmonnConfig, read_yaml(Path(cfg.init_from) / "salmonn.yaml"))
+        student_cfg = read_model_config(cfg.init_from)
         layers = list(range(student.speech_encoder.config.encoder_layers))
     else:
         ensure_student_tokenizer(cfg.student, [ex.text for ex in train.examples] + _prompt_texts(cfg))
@@ -383,7 +381,7 @@ def build(cfg: JobConfig, train) -> tuple[Distiller, SalmonnConfig]:
     if cfg.kd.teacher == "cache" and (cfg.kd.kd_weight or cfg.kd.feature_weight):
         identity = teacher_identity(cfg.teacher_folder)
         cache = CacheReader(cfg.kd.cache_dir, expect_teacher=identity,
-                            expect_tokenizer=tokenizer_identity("teacher", t_tok.get_vocab()))
+                            expect_tokenizer=teacher_tokenizer_identity(t_tok))
         missing = [k for k in sample_keys(train) if k not in cache]
         if missing:
             raise SystemExit(f"{cfg.kd.cache_dir}: the cache lacks {len(missing)} of this training split's samples "

@@ -27,7 +27,7 @@ from student.build import PRUNING_FILE
 from student.token_pruning import PrunedBEATs, TokenPruningConfig
 from teacher.beats import BEATs, BEATsConfig
 from teacher.build import DTYPES, HEADS_KEPT, LLMConfig, SalmonnConfig, keep_whisper_heads, load_tokenizer
-from teacher.checkpoint import MODEL_CONFIG, base_llm_state
+from teacher.checkpoint import MODEL_CONFIG, base_llm_state, read_model_config
 from teacher.qformer import WindowQFormer
 from teacher.salmonn import Salmonn
 
@@ -58,7 +58,7 @@ def read_salmonn_config(folder: Path) -> SalmonnConfig:
     path = folder / MODEL_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {MODEL_CONFIG}; not a folder written by prune.quantize / prune.export")
-    return from_dict(SalmonnConfig, read_yaml(path), str(path))
+    return read_model_config(folder)
 
 
 def build_skeleton(folder: str | Path, llm: nn.Module | None = None) -> Salmonn:
@@ -81,7 +81,8 @@ def build_skeleton(folder: str | Path, llm: nn.Module | None = None) -> Salmonn:
     if llm is None:
         llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder / "llm"), dtype=DTYPES[cfg.llm.dtype])
     tokenizer = load_tokenizer(LLMConfig(path=str(folder / "llm"), add_pad_token=cfg.llm.add_pad_token))
-    model = Salmonn(whisper, beats, qformer, llm, tokenizer, cfg.prompt, pad_to_longest=cfg.whisper.pad_to_longest)
+    model = Salmonn(whisper, beats, qformer, llm, tokenizer, cfg.prompt, pad_to_longest=cfg.whisper.pad_to_longest,
+                    beats_padding=cfg.beats.padding_features)
     return model.eval()
 
 

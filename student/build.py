@@ -37,7 +37,7 @@ from teacher.build import (
     build_llm,
     load_tokenizer,
 )
-from teacher.checkpoint import load_model_folder, save_model_folder
+from teacher.checkpoint import load_model_folder, read_model_config, save_model_folder
 from teacher.salmonn import PromptConfig, Salmonn
 
 PRUNING_FILE = "token_pruning.yaml"
@@ -128,7 +128,7 @@ def student_pad_to_longest(cfg: StudentConfig, teacher_cfg: SalmonnConfig) -> bo
 def build_student(cfg: StudentConfig, teacher_folder: str | Path) -> tuple[Salmonn, SalmonnConfig]:
     """The student initialised from the teacher saved in `teacher_folder`; returns (model, its SalmonnConfig)."""
     teacher = load_model_folder(teacher_folder)
-    teacher_cfg = from_dict(SalmonnConfig, read_yaml(Path(teacher_folder) / "salmonn.yaml"))
+    teacher_cfg = read_model_config(teacher_folder)
     layers = select_layers(teacher.speech_encoder.config.encoder_layers, cfg.whisper_layers)
     whisper = distill_whisper_encoder(teacher.speech_encoder, layers)
     beats = None
@@ -139,7 +139,8 @@ def build_student(cfg: StudentConfig, teacher_folder: str | Path) -> tuple[Salmo
     if cfg.lora.enabled:
         llm = apply_lora(llm, cfg.lora)
     model = Salmonn(whisper, beats, copy.deepcopy(teacher.qformer), llm, tokenizer, cfg.prompt,
-                    pad_to_longest=student_pad_to_longest(cfg, teacher_cfg))
+                    pad_to_longest=student_pad_to_longest(cfg, teacher_cfg),
+                    beats_padding=teacher_cfg.beats.padding_features)
     model.ln_speech.load_state_dict(teacher.ln_speech.state_dict())
     if cfg.projector_from_teacher:
         if model.projector.weight.shape != teacher.projector.weight.shape:

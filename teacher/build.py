@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,13 +18,14 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperConfig
+from transformers import AutoModelForCausalLM, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from common.hub import local_folder
 from teacher.beats import BEATs, BEATsConfig
 from teacher.qformer import QFormerConfig, WindowQFormer
-from teacher.salmonn import PromptConfig, Salmonn
+from teacher.salmonn import BeatsPadding, PromptConfig, Salmonn, prompt_pieces
+from teacher.tokenizer import load_llm_tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -54,6 +56,12 @@ class BeatsEncoderConfig:
     cfg: dict[str, Any] = field(default_factory=dict)
     """BEATsConfig fields for a fresh model (ignored when `path` is set)."""
     freeze: bool = True
+    padding_features: BeatsPadding = "official"
+    """What BEATs' outputs at a batch's padded tokens hold when they enter `ln_audio` and the Q-Former: "official"
+    (as BEATs computed them, unmasked: the released SALMONN's forward, so the only right value for its checkpoints)
+    or "zero" (zeros: how smolt's toy teachers and their students train; needed by `qformer.trim_to_audio`). Saved in
+    every model folder's salmonn.yaml; a folder written before this key existed loads with "zero" unless it was
+    assembled from the official checkpoints (`teacher.assemble`, whose salmonn.pth is a link)."""
 
 
 @dataclass
@@ -205,14 +213,16 @@ def build_beats(cfg: BeatsEncoderConfig) -> BEATs | None:
     return BEATs(BEATsConfig.from_dict(cfg.cfg))
 
 
-def load_tokenizer(cfg: LLMConfig):
+def load_tokenizer(cfg: LLMConfig, probe_texts: Sequence[str] = ()):
+    """The LLM's tokenizer (`teacher.tokenizer.load_llm_tokenizer`: sentencepiece semantics for LLaMA, checked on
+    `probe_texts`), with SALMONN's `[PAD]` added when it has no pad token."""
     source = cfg.tokenizer or cfg.path
     if not source:
         raise CheckpointError("llm.tokenizer: a fresh LLM needs a tokenizer folder (llm.tokenizer)")
     folder, hub_note = local_folder(source)
     if not folder.is_dir():
         raise CheckpointError(f"{source}: tokenizer folder not found; check llm.tokenizer / llm.path" + hub_note)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_llm_tokenizer(folder, probe_texts)
     if tokenizer.pad_token is None and cfg.add_pad_token:
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     tokenizer.padding_side = "right"
@@ -282,7 +292,7 @@ def build_salmonn(cfg: SalmonnConfig, load_checkpoint: bool = True):
     """Build the model; returns `(model, key_report)` where key_report is None without a SALMONN checkpoint."""
     from teacher.checkpoint import load_salmonn_checkpoint
 
-    tokenizer = load_tokenizer(cfg.llm)
+    tokenizer = load_tokenizer(cfg.llm, prompt_pieces(cfg.prompt, "Transcribe the speech."))
     whisper = build_whisper(cfg.whisper)
     beats = build_beats(cfg.beats)
     encoder_dim = whisper.config.d_model + (beats.cfg.encoder_embed_dim if beats is not None else 0)
@@ -290,7 +300,8 @@ def build_salmonn(cfg: SalmonnConfig, load_checkpoint: bool = True):
     llm = build_llm(cfg.llm, tokenizer)
     if cfg.lora.enabled:
         llm = apply_lora(llm, cfg.lora)
-    model = Salmonn(whisper, beats, qformer, llm, tokenizer, cfg.prompt, pad_to_longest=cfg.whisper.pad_to_longest)
+    model = Salmonn(whisper, beats, qformer, llm, tokenizer, cfg.prompt, pad_to_longest=cfg.whisper.pad_to_longest,
+                    beats_padding=cfg.beats.padding_features)
     set_trainable(model, cfg)
     report = None
     if cfg.checkpoint and load_checkpoint:

@@ -16,6 +16,7 @@ if __name__ == "__main__":  # before the heavy imports below: answer --help from
     before_imports()
 
 import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,12 +32,21 @@ from common.device import InferenceDtype, place_for_inference
 from common.feature_store import SubsetView, with_feature_store
 from common.features import FeatureConfig
 from evaluation.interface import move_batch
-from teacher.build import SalmonnConfig, build_salmonn
-from teacher.cache_store import CachedSample, CacheIdentity, CacheReader, CacheWriter, config_hash, tokenizer_identity
-from teacher.checkpoint import load_model_folder
+from teacher.build import LLMConfig, SalmonnConfig, build_salmonn, load_tokenizer
+from teacher.cache_store import (
+    MANIFEST,
+    CachedSample,
+    CacheIdentity,
+    CacheReader,
+    CacheWriter,
+    config_hash,
+    tokenizer_identity,
+)
+from teacher.checkpoint import MODEL_CONFIG, load_model_folder, read_model_config
 from teacher.qformer import num_windows
 from teacher.salmonn import shift_for_next_token
 from teacher.sparse import sampled_sparse, topk_sparse
+from teacher.tokenizer import encoding_identity
 from teacher.train import with_cached_encoders
 
 
@@ -84,19 +94,41 @@ def sample_keys(dataset) -> list[str]:
 
 
 def teacher_identity(teacher_folder: str, teacher_cfg: SalmonnConfig | None = None) -> dict:
-    """Names, sizes and mtimes of the teacher folder's files (cheap even for 26 GB of weights), or the hash of
-    the config that builds the teacher from the official checkpoints."""
+    """Names, sizes and mtimes of the teacher folder's files (cheap even for 26 GB of weights) and its resolved
+    `beats.padding_features`, or the hash of the config that builds the teacher from the official checkpoints."""
     if teacher_folder:
         stamps = file_stamps(teacher_folder)
-        return {"folder": str(Path(teacher_folder)), "files": hashlib.sha256(repr(stamps).encode()).hexdigest()}
+        identity = {"folder": str(Path(teacher_folder)), "files": hashlib.sha256(repr(stamps).encode()).hexdigest()}
+        if (Path(teacher_folder) / MODEL_CONFIG).is_file():
+            # Not in the files when an old folder's salmonn.yaml lacks it, and it changes what the teacher computes.
+            identity["beats_padding"] = read_model_config(teacher_folder).beats.padding_features
+        return identity
     return {"config": config_hash(asdict(teacher_cfg))}
+
+
+def teacher_tokenizer_identity(tokenizer) -> dict:
+    """The cache's tokenizer identity: vocabulary and how it encodes (`teacher.tokenizer.encoding_identity`)."""
+    return tokenizer_identity("teacher", tokenizer.get_vocab(), encoding_identity(tokenizer))
 
 
 def cache_identity(cfg: JobConfig, tokenizer) -> CacheIdentity:
     relevant = {"split": cfg.split, "data": asdict(cfg.data), "features": asdict(cfg.features), "seed": cfg.seed}
     return CacheIdentity(teacher=teacher_identity(cfg.teacher_folder, cfg.teacher),
-                         tokenizer=tokenizer_identity("teacher", tokenizer.get_vocab()),
+                         tokenizer=teacher_tokenizer_identity(tokenizer),
                          config_hash=config_hash(relevant), mode=cfg.mode, k=cfg.k, dtype=cfg.dtype)
+
+
+def finished_cache_matches(cfg: JobConfig, out_dir: Path) -> bool:
+    """Whether the cache in `out_dir` records the teacher and tokenizer identity this code computes now. The folder's
+    files can be unchanged while what the teacher computes is not (a folder written before
+    `beats.padding_features`, a tokenizer now read with sentencepiece's semantics); such a cache is stale."""
+    manifest = out_dir / MANIFEST
+    if not manifest.is_file():
+        return False
+    header = json.loads(manifest.read_text())
+    llm = LLMConfig(path=str(Path(cfg.teacher_folder) / "llm")) if cfg.teacher_folder else cfg.teacher.llm
+    identity = cache_identity(cfg, load_tokenizer(llm))
+    return header.get("teacher") == identity.teacher and header.get("tokenizer") == identity.tokenizer
 
 
 def load_teacher(cfg: JobConfig):
@@ -139,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, force = parse_cli(JobConfig, argv)
     out_dir = Path(cfg.output_dir)
     inputs = [cfg.teacher_folder]
-    if stage_is_current(cfg, out_dir, inputs=inputs) and not force:
+    if stage_is_current(cfg, out_dir, inputs=inputs) and finished_cache_matches(cfg, out_dir) and not force:
         print(f"teacher cache up to date: {out_dir} (use --force to rebuild)")
         return 0
     dataset = scan_split(cfg.data, cfg.features, cfg.split, out_dir)

@@ -162,12 +162,16 @@ def config_hash(config: Mapping) -> str:
     return hashlib.sha256(_canonical_json(config).encode()).hexdigest()
 
 
-def tokenizer_identity(name: str, vocab: Mapping[str, int]) -> dict:
-    """`{"name", "vocab_size", "vocab_sha256"}` for a tokenizer's `get_vocab()`; the writer and the recipe that
-    reads the cache must both call this so their identities compare equal."""
+def tokenizer_identity(name: str, vocab: Mapping[str, int], encoding: str | None = None) -> dict:
+    """`{"name", "vocab_size", "vocab_sha256"}` for a tokenizer's `get_vocab()`, plus `"encoding"` when given (e.g.
+    `teacher.tokenizer.encoding_identity`: the same vocabulary can encode text differently); the writer and the
+    recipe that reads the cache must both call this so their identities compare equal."""
     items = sorted(vocab.items(), key=lambda item: (item[1], item[0]))
     digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
-    return {"name": name, "vocab_size": len(vocab), "vocab_sha256": digest}
+    identity = {"name": name, "vocab_size": len(vocab), "vocab_sha256": digest}
+    if encoding is not None:
+        identity["encoding"] = encoding
+    return identity
 
 
 def shard_name(index: int) -> str:

@@ -211,15 +211,39 @@ def save_model_folder(model: Salmonn, cfg, out_dir: str | Path, extra: dict | No
     return out
 
 
+def legacy_beats_padding(folder: Path) -> str:
+    """`beats.padding_features` of a model folder written before the key existed: the behaviour it was made with.
+
+    Until then smolt zeroed BEATs' outputs at padded tokens, and every model it trained (toy teachers, students,
+    pruned and quantized ones) learned with that. A folder made by `teacher.assemble` from the official checkpoints
+    (its salmonn.pth is a symbolic link to the release) holds the released SALMONN, which does not zero them.
+    """
+    return "official" if (folder / "salmonn.pth").is_symlink() else "zero"
+
+
+def read_model_config(folder: str | Path):
+    """The SalmonnConfig in a model folder's salmonn.yaml (paths as written, relative to the folder), with the
+    `beats.padding_features` the model was made with when the file predates that key."""
+    from common.config import from_dict, read_yaml
+    from teacher.build import SalmonnConfig
+
+    folder = Path(folder)
+    path = folder / MODEL_CONFIG
+    raw = read_yaml(path)
+    beats = raw.get("beats") if isinstance(raw, dict) else None
+    if isinstance(beats, dict) and "padding_features" not in beats:
+        raw = {**raw, "beats": {**beats, "padding_features": legacy_beats_padding(folder)}}
+    return from_dict(SalmonnConfig, raw, str(path))
+
+
 def load_model_folder(folder: str | Path) -> Salmonn:
     """Load a folder written by `save_model_folder` (paths in its salmonn.yaml are relative to it)."""
     import dataclasses
 
-    from common.config import from_dict, read_yaml
-    from teacher.build import SalmonnConfig, build_salmonn
+    from teacher.build import build_salmonn
 
     folder = Path(folder)
-    cfg = from_dict(SalmonnConfig, read_yaml(folder / MODEL_CONFIG), str(folder / MODEL_CONFIG))
+    cfg = read_model_config(folder)
     rel = lambda p: str(folder / p) if p else ""
     cfg = dataclasses.replace(
         cfg,

@@ -1,6 +1,10 @@
-"""Print a SALMONN's parameters per part and the checkpoint key report; exit 1 if a trained key is missing.
+"""Print a SALMONN's parameters per part, the token ids and pieces of its wrapped prompt, and the checkpoint key
+report; exit 1 if a trained key is missing.
 
-    python -m teacher.inspect --config configs/teacher/salmonn-13b.yaml
+    python -m teacher.inspect --config configs/teacher/salmonn-13b.yaml [instruction="Describe the audio."]
+
+The prompt ids are the ones the LLM reads around the audio tokens (`[BOS] + before`, `after`), to compare with the
+official code's `llama_tokenizer(p_before / p_after, add_special_tokens=False)`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ class JobConfig:
     """Inspect a SALMONN built from local checkpoints."""
 
     model: SalmonnConfig = field(default_factory=SalmonnConfig)
+    instruction: str = "Recognize the speech and give me the transcription."
+    """The instruction whose wrapped prompt is printed (one of SALMONN's ASR prompts)."""
 
 
 def describe(model) -> str:
@@ -38,6 +44,18 @@ def describe(model) -> str:
     return "\n".join(lines)
 
 
+def describe_prompt(model, instruction: str) -> str:
+    """The wrapped prompt's text and, before and after the audio tokens, its token ids and pieces."""
+    before, after = model.prompt_ids(instruction)
+    tok = model.tokenizer
+    text = model.prompt_cfg.template.format(model.prompt_cfg.audio_wrapper + instruction.strip())
+    lines = [f"prompt {text!r} ({type(tok).__name__}, beats.padding_features: {model.beats_padding})"]
+    for name, ids in (("before audio", before), ("after audio", after)):
+        lines.append(f"  {name}: {len(ids)} ids {ids}")
+        lines.append(f"  {'':<{len(name)}}  pieces {tok.convert_ids_to_tokens(ids)}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_cli(JobConfig, argv)
     try:
@@ -46,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(describe(model))
+    print(describe_prompt(model, cfg.instruction))
     if report is None:
         print("no SALMONN checkpoint configured (model.checkpoint): the Q-Former, projection and LoRA are fresh")
         return 0

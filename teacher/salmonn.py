@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.dataset import ENCODER_OUTPUTS
+from common.fbank import BEATS_SILENT_FRAME
+from common.features import FBANK_SHIFT, FBANK_WINDOW, fbank_frames
 from evaluation.interface import AudioLanguageModel
 from teacher.qformer import WindowQFormer
 
@@ -29,6 +31,11 @@ SPEECH_OUT, AUDIO_OUT = ENCODER_OUTPUTS
 """Batch keys of cached raw encoder outputs; `join_encoders` uses them instead of running the encoders."""
 BEATS_PATCH_FRAMES = 16
 """fbank frames (10 ms) per BEATs time patch."""
+BeatsPadding = Literal["official", "zero"]
+BEATS_PADDING = ("official", "zero")
+"""What BEATs' outputs at padded tokens hold when they enter `ln_audio` and the Q-Former. "official": what BEATs
+computed there, unmasked, as the released SALMONN's forward does (the only right choice for its checkpoints); "zero":
+zeros, as smolt's toy teachers and students were trained (a clip's features then do not depend on its batch)."""
 
 
 def run_whisper_encoder(encoder: nn.Module, mel: torch.Tensor) -> torch.Tensor:
@@ -83,12 +90,52 @@ def whole_patch_padding(fbank: torch.Tensor, padding_mask: torch.Tensor | None) 
     return torch.arange(fbank.shape[1], device=fbank.device)[None] >= whole[:, None]
 
 
+def official_fbank_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fbank `[batch, frames, 128]` and padding mask `[batch, frames]` that the official SALMONN gives BEATs.
+
+    It pads the waveforms with zeros to the longest clip, computes the fbank of each padded waveform and derives the
+    frame mask from the sample mask (`downsample_padding_mask`). Per clip that is its own frames, then its tail
+    frames over its last samples and zeros (`fbank_tail` from the collator), then the all-zero frame's value; and
+    the mask can keep a frame or two more than the clip's own. Needs the collator's `fbank_tail` and `samples`.
+    """
+    from teacher.beats import downsample_padding_mask
+
+    if "fbank_tail" not in batch or "samples" not in batch:
+        raise ValueError("beats.padding_features: official needs the batch's `fbank_tail` and `samples` (from "
+                         "common.dataset.AudioTextCollator on items of common.features.AudioFeaturizer); a feature "
+                         "store written before them is rebuilt under a new name: delete the old one")
+    fbank, own_mask, tail = batch["fbank"], batch["fbank_padding_mask"], batch["fbank_tail"].to(batch["fbank"])
+    samples = batch["samples"].to(fbank.device)
+    frames = fbank.shape[1]
+    longest = int(samples.max())
+    if fbank_frames(longest) > frames:
+        raise ValueError(f"the batch's fbank has {frames} frames but its longest clip ({longest} samples) gives "
+                         f"{fbank_frames(longest)}: `samples` does not belong to this fbank")
+    if fbank_frames(longest) < frames:  # padded past its longest clip (rows split from a larger batch):
+        longest = FBANK_WINDOW + FBANK_SHIFT * (frames - 1)  # as waveforms zero-padded to give that many frames
+    position = torch.arange(frames, device=fbank.device)[None]  # [1, frames]
+    own = (~own_mask).sum(1, keepdim=True)  # [batch, 1]
+    index = (position - own).clamp(0, tail.shape[1] - 1)  # tail frame read at each position
+    tail_frames = torch.gather(tail, 1, index[..., None].expand(-1, -1, tail.shape[-1]))
+    past_tail = (position - own >= tail.shape[1])[..., None]
+    padded = torch.where(past_tail, torch.full_like(fbank, BEATS_SILENT_FRAME), tail_frames)
+    fbank = torch.where((position < own)[..., None], fbank, padded)
+    sample_mask = torch.arange(longest, device=fbank.device)[None] >= samples[:, None]
+    return fbank, downsample_padding_mask(sample_mask, frames)
+
+
 @dataclass
 class PromptConfig:
     template: str = "USER: {}\nASSISTANT:"
     """SALMONN's chat template; `{}` receives `<Speech><SpeechHere></Speech> {instruction}`."""
     audio_wrapper: str = "<Speech>" + SPEECH_PLACEHOLDER + "</Speech> "
     """Text around the audio tokens; `<SpeechHere>` marks where they go."""
+
+
+def prompt_pieces(prompt: PromptConfig, instruction: str) -> tuple[str, str]:
+    """The wrapped prompt's text before and after `<SpeechHere>` (each tokenized without special tokens)."""
+    before, after = prompt.template.format(prompt.audio_wrapper + instruction.strip()).split(SPEECH_PLACEHOLDER)
+    return before, after
 
 
 @dataclass
@@ -122,12 +169,22 @@ class Salmonn(AudioLanguageModel):
         qformer: window-level Q-Former over the joined `d_whisper + d_beats` features.
         llm: a causal LM (possibly a peft model) with `get_input_embeddings()`.
         tokenizer: the LLM's tokenizer with bos, eos and pad tokens.
+        pad_to_longest: run Whisper only up to the batch's longest clip (models trained that way).
+        beats_padding: what BEATs' outputs at padded tokens hold when they enter `ln_audio` ("official": as BEATs
+            computed them; "zero": zeros), see `BEATS_PADDING`.
     """
 
     def __init__(self, speech_encoder: nn.Module, audio_encoder: nn.Module | None, qformer: WindowQFormer,
-                 llm: nn.Module, tokenizer, prompt: PromptConfig | None = None, pad_to_longest: bool = False):
+                 llm: nn.Module, tokenizer, prompt: PromptConfig | None = None, pad_to_longest: bool = False,
+                 beats_padding: BeatsPadding = "official"):
         super().__init__()
+        if beats_padding not in BEATS_PADDING:
+            raise ValueError(f"beats.padding_features: {beats_padding!r} is not one of {BEATS_PADDING}")
+        if audio_encoder is not None and qformer.cfg.trim_to_audio and beats_padding != "zero":
+            raise ValueError("qformer.trim_to_audio needs beats.padding_features: zero (a clip's BEATs outputs must "
+                             "not depend on its batch, and cached per-clip outputs are zero-padded)")
         self.pad_to_longest = pad_to_longest
+        self.beats_padding = beats_padding
         self.speech_encoder = speech_encoder
         self.ln_speech = nn.LayerNorm(speech_encoder.config.d_model)
         self.audio_encoder = audio_encoder
@@ -194,17 +251,22 @@ class Salmonn(AudioLanguageModel):
         return speech.masked_fill(padding.unsqueeze(-1), 0.0)[:, : int(lengths.max())]
 
     def encode_beats(self, batch: dict) -> torch.Tensor:
-        """BEATs features `[batch, tokens, d_beats]` of the batch's fbank (padding positions zeroed).
+        """BEATs features `[batch, tokens, d_beats]` of the batch's fbank.
 
-        With `trim_to_audio`, a clip's last, incomplete patch counts as padding and the batch is cut to its
-        longest clip's tokens, so a clip's features do not depend on its batch.
+        At padded tokens they are what BEATs computed there (`beats_padding` "official": the released SALMONN feeds
+        them unmasked through `ln_audio` into the Q-Former, and its fbank and mask are the official ones, see
+        `official_fbank_batch`) or zeros ("zero"). With `trim_to_audio` (which needs
+        "zero"), a clip's last, incomplete patch counts as padding and the batch is cut to its longest clip's tokens,
+        so a clip's features do not depend on its batch.
         """
         dtype = next(self.audio_encoder.parameters()).dtype
-        mask = batch.get("fbank_padding_mask")
+        fbank, mask = batch["fbank"], batch.get("fbank_padding_mask")
         if self.trim_to_audio:
-            mask = whole_patch_padding(batch["fbank"], mask)
-        features, mask = self.audio_encoder.forward_fbank(batch["fbank"].to(dtype), mask)
-        if mask is not None:
+            mask = whole_patch_padding(fbank, mask)
+        elif self.beats_padding == "official" and mask is not None and bool(mask.any()):
+            fbank, mask = official_fbank_batch(batch)
+        features, mask = self.audio_encoder.forward_fbank(fbank.to(dtype), mask)
+        if mask is not None and self.beats_padding == "zero":
             features = features.masked_fill(mask.unsqueeze(-1), 0.0)
             if self.trim_to_audio:
                 features = features[:, : int((~mask).sum(1).max())]
@@ -246,7 +308,7 @@ class Salmonn(AudioLanguageModel):
         """Hash of what the cached outputs of `keys` depend on: those encoders' weights and the output rules."""
         import hashlib
 
-        h = hashlib.sha256(repr((sorted(keys), self.trim_to_audio, self.pad_to_longest)).encode())
+        h = hashlib.sha256(repr((sorted(keys), self.trim_to_audio, self.pad_to_longest, self.beats_padding)).encode())
         for key, module in ((SPEECH_OUT, self.speech_encoder), (AUDIO_OUT, self.audio_encoder)):
             if key in keys:
                 for name, tensor in sorted(module.state_dict().items()):
@@ -265,8 +327,7 @@ class Salmonn(AudioLanguageModel):
     def prompt_ids(self, instruction: str) -> tuple[list[int], list[int]]:
         """Token ids of the prompt before and after `<SpeechHere>`: `[BOS] + before`, `after`."""
         if instruction not in self._prompt_ids_cache:
-            text = self.prompt_cfg.template.format(self.prompt_cfg.audio_wrapper + instruction.strip())
-            before, after = text.split(SPEECH_PLACEHOLDER)
+            before, after = prompt_pieces(self.prompt_cfg, instruction)
             tok = self.tokenizer
             ids_before = [tok.bos_token_id] + tok(before, add_special_tokens=False)["input_ids"]
             ids_after = tok(after, add_special_tokens=False)["input_ids"]

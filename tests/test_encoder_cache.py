@@ -51,7 +51,8 @@ def setup(tmp_path_factory):
 
 def trimmed(cfg):
     """The tiny SALMONN reading only the frames that hold audio, both encoders frozen, in eval mode."""
-    cfg = dataclasses.replace(cfg, checkpoint="", qformer=dataclasses.replace(cfg.qformer, trim_to_audio=True))
+    cfg = dataclasses.replace(cfg, checkpoint="", qformer=dataclasses.replace(cfg.qformer, trim_to_audio=True),
+                              beats=dataclasses.replace(cfg.beats, padding_features="zero"))
     torch.manual_seed(0)
     model, _ = build_salmonn(cfg)
     return model.eval()
@@ -190,7 +191,7 @@ def test_teacher_recipe_pretrains_beats_caches_encoders_and_the_cache_job_reuses
     config = {
         "job": "teacher.train",
         "model": {"whisper": {"path": str(official / "whisper"), "freeze": True},
-                  "beats": {"path": str(official / "beats.pt"), "freeze": True},
+                  "beats": {"path": str(official / "beats.pt"), "freeze": True, "padding_features": "zero"},
                   "qformer": {**dataclasses.asdict(cfg.qformer), "trim_to_audio": True},
                   "llm": {"path": str(official / "llm"), "freeze": True},
                   "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},

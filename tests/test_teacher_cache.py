@@ -51,7 +51,9 @@ def test_topk_cache_holds_the_teachers_distribution(setup, tmp_path):
     reader, teacher = open_reader(root, out, expect_mode="topk", expect_k=5)
     ds = AudioTextDataset.scan([str(root / "train.json")], DataConfig(), FeatureConfig(whisper_chunk_seconds=2))
     assert reader.keys() == sample_keys(ds) and len(reader) == 5
-    batch = AudioTextCollator(teacher.tokenizer)([ds[2]])
+    # The cache ran sample 2 in one batch with sample 3 (shard_size=2, batch_size=2). The teacher pads BEATs' input
+    # as the released SALMONN does, so a padded clip's outputs depend on its batch: run the same batch.
+    batch = AudioTextCollator(teacher.tokenizer)([ds[2], ds[3]])
     with torch.no_grad():
         out_t = teacher(batch)
     logits, labels = shift_for_next_token(out_t.logits, out_t.labels)
@@ -61,7 +63,7 @@ def test_topk_cache_holds_the_teachers_distribution(setup, tmp_path):
     tok = teacher.tokenizer
     expected_ids = tok("the dog runs on the mat", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert cached.target_ids.tolist() == expected_ids
-    # The cached rows ran batched with padding, so near-ties may swap order: compare probabilities, not ranks.
+    # Batched rows may differ by float rounding, so near-ties may swap order: compare probabilities, not ranks.
     top = probs.topk(5, dim=-1)
     torch.testing.assert_close(cached.sparse_values.float(), top.values, atol=1e-3, rtol=1e-2)  # stored in fp16
     torch.testing.assert_close(probs.gather(-1, cached.sparse_ids), top.values, atol=1e-3, rtol=1e-2)
@@ -146,3 +148,29 @@ def test_a_finished_cache_of_another_config_is_rebuilt_an_unfinished_one_refused
     (out / "DONE").unlink()  # as if the k=4 run had been interrupted
     with pytest.raises(CacheError, match="different k.*--force"):
         cache_main(args(root, out, "k=5"))
+
+
+def test_a_cache_from_before_the_padding_option_and_tokenizer_encoding_is_stale(setup, tmp_path, capsys):
+    """A cache whose manifest lacks the teacher's `beats_padding` and the tokenizer's `encoding` (as every cache
+    built before issue 24) is refused by its readers and rebuilt by `teacher.cache`, although the teacher
+    folder's files are unchanged."""
+    from teacher.cache import teacher_identity, teacher_tokenizer_identity
+
+    root = setup
+    out = tmp_path / "c"
+    cache_main(args(root, out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["teacher"]["beats_padding"] == "official" and "encoding" in manifest["tokenizer"]
+    del manifest["teacher"]["beats_padding"]
+    del manifest["tokenizer"]["encoding"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+    teacher = load_model_folder(root / "teacher")
+    with pytest.raises(CacheError):
+        CacheReader(out, expect_teacher=teacher_identity(str(root / "teacher")),
+                    expect_tokenizer=teacher_tokenizer_identity(teacher.tokenizer))
+    capsys.readouterr()
+    cache_main(args(root, out))
+    assert "up to date" not in capsys.readouterr().out
+    reader, _ = open_reader(root, out)
+    assert reader.manifest["teacher"]["beats_padding"] == "official"
