@@ -1,4 +1,4 @@
-"""The main job end to end at smoke size: `bash scripts/distill.sh --preset smoke` (about a minute).
+"""The main job end to end at smoke size: `bash scripts/distill.sh --preset smoke` (a few minutes on 2 cores).
 
 It protects the glue between stages: each stage's outputs exist, the resolved configs are beside them, the
 evaluation holds sane numbers for every model, and a second run skips every finished stage.
