@@ -44,7 +44,14 @@ from pathlib import Path
 from common.cli import run
 from common.config import ConfigError, config_hash, load_job_config, parse_cli, read_yaml, save_resolved
 from common.tracking import LOG_OWNER
-from teacher.cache import teacher_identity
+
+
+def teacher_identity(folder: str) -> str:
+    """`teacher.cache.teacher_identity`, imported on first use: it pulls in torch and transformers, which
+    `python -m experiments compare|figures` (and `--help`) never need."""
+    from teacher.cache import teacher_identity as identity
+
+    return identity(folder)
 
 QUALITY = ("wer", "cider_d", "spice", "spider")
 RATIOS = ("params", "weight_bytes", "peak_memory_mb", "ttft_ms", "tpot_ms")
