@@ -46,6 +46,6 @@ echo "[setup] installing Python dependencies (first run takes a few minutes)"
 # aac-metrics' own dependencies would pull msclap -> torchaudio (no build for torch 2.13) and downgrade
 # transformers. Install it alone, with the small stand-in for msclap (CLAP metrics are unavailable).
 "${PIP[@]}" install --no-deps "aac-metrics==0.5.5" ./third_party/msclap_unavailable
-"$VENV/bin/python" -c "import torch, transformers, aac_metrics; assert torch.__version__.startswith('2.13.0')"
+"$VENV/bin/python" -c "from common.cli import quiet_third_party_logs; quiet_third_party_logs(); import torch, transformers, aac_metrics; assert torch.__version__.startswith('2.13.0')"
 echo "$stamp_src" >"$VENV/.smolt-stamp"
 echo "[setup] environment ready: $VENV"
