@@ -16,6 +16,9 @@ the device synchronized before and after every timed region):
     weights, rather than reading the device's absolute peak, keeps the number to this model when several
     share a process. On CUDA the raw `max_memory_allocated` is reported beside it.
   - Throughput: full `generate` on batches of `throughput_batch_size` clips, clips per second.
+  - Analytic costs (`evaluation.analytic`): FLOPs and bytes moved per decode step (at the timed steps' mean context)
+    and per prefill, from the model's shapes; with the machine's memory bandwidth (a large copy, ~1 s) they give
+    the TPOT floor, bytes per step / bandwidth, beside the measured TPOT.
 """
 
 from __future__ import annotations
@@ -47,8 +50,13 @@ PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
     "hackathon": {"warmup_runs": 10, "timed_runs": 100, "input_seconds": 10.0, "statistic": "mean"},
 }
 
-RATIO_KEYS = ("params", "weight_bytes", "peak_memory_mb", "ttft_ms", "tpot_ms", "throughput_clips_per_s")
+RATIO_KEYS = ("params", "weight_bytes", "peak_memory_mb", "ttft_ms", "tpot_ms", "throughput_clips_per_s",
+              "decode_flops", "decode_bytes", "prefill_flops", "prefill_bytes")
 """Per-model numbers that `compare` divides by the reference model's."""
+
+ATTENTION_CHOICES = ("sdpa_math", "sdpa", "eager")
+"""Attention of the Hugging Face parts: SDPA limited to its math kernel (what a V100 without FlashAttention runs
+everywhere; the limit itself is set around the timed region by the caller), SDPA as it picks, or HF's eager code."""
 
 
 @dataclass
@@ -81,6 +89,10 @@ class EfficiencyConfig:
     statistic: Literal["median", "mean"] | None = None
     """Which statistic is the headline `ttft_ms` / `tpot_ms`: median careful, mean hackathon. Mean,
     median and p90 are always reported."""
+    analytic: bool = True
+    """Add FLOPs and bytes per decode step and per prefill from the model's shapes (`evaluation.analytic`)."""
+    bandwidth_seconds: float = 1.0
+    """How long to measure the device's memory bandwidth (repeated large copies) for the TPOT floor; 0 skips it."""
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOL_DEFAULTS:
@@ -441,9 +453,12 @@ def compare(models: Mapping[str, AudioLanguageModel], clips: Sequence[Batch], cf
         _run_latency(models, inputs, cfg, samples)
         if cfg.throughput_runs:
             _run_throughput(models, inputs, cfg, samples)
-    reports = {name: _report(model, samples[name], cfg) for name, model in models.items()}
+        costs = {name: _analytic(model, inputs[name][0], cfg) for name, model in models.items()}
+    bandwidth = _bandwidths(models, cfg)
+    reports = {name: _report(model, samples[name], cfg, costs[name], bandwidth.get(str(model.device)))
+               for name, model in models.items()}
     return {
-        "settings": _settings(models, clips, cfg),
+        "settings": {**_settings(models, clips, cfg), "memory_bandwidth": bandwidth},
         "reference": reference,
         "models": reports,
         "ratios": {name: ratios(reports[name], reports[reference]) for name in names},
@@ -498,7 +513,23 @@ def _run_throughput(models: Mapping[str, AudioLanguageModel], inputs: Mapping[st
             samples[name].generate_seconds.append(_generate_seconds(models[name], batch, cfg))
 
 
-def _report(model: AudioLanguageModel, samples: _Samples, cfg: EfficiencyConfig) -> dict[str, Any]:
+def _analytic(model: AudioLanguageModel, clip: Batch, cfg: EfficiencyConfig) -> dict[str, Any] | None:
+    if not cfg.analytic:
+        return None
+    from evaluation.analytic import model_costs  # analytic imports this module's tensor_bytes
+
+    return model_costs(model, clip, cfg.prompt, cfg.decode_steps)
+
+
+def _bandwidths(models: Mapping[str, AudioLanguageModel], cfg: EfficiencyConfig) -> dict[str, dict[str, Any]]:
+    if cfg.bandwidth_seconds <= 0:
+        return {}
+    return {device: measure_bandwidth(torch.device(device), cfg.bandwidth_seconds) for device in sorted({str(m.device)
+                                                                                  for m in models.values()})}
+
+
+def _report(model: AudioLanguageModel, samples: _Samples, cfg: EfficiencyConfig,
+            costs: dict[str, Any] | None = None, bandwidth: dict[str, Any] | None = None) -> dict[str, Any]:
     """One model's numbers.
 
     Keys: `device`; `params`, `trainable_params` (elements), `params_per_part`; `weight_bytes`,
@@ -506,7 +537,9 @@ def _report(model: AudioLanguageModel, samples: _Samples, cfg: EfficiencyConfig)
     unmeasurable) and `peak_memory` (its parts, `device_peak_mb` on CUDA, `method`); `ttft_ms`,
     `tpot_ms` (the protocol's headline statistic) and `ttft`, `tpot` (`summarize` of all samples, plus
     `samples_ms`; `tpot` also `runs`, `steps_per_run`, `median_ms_by_step`); `throughput_clips_per_s`
-    and `throughput` (None when skipped).
+    and `throughput` (None when skipped); `decode_flops`, `decode_bytes` (per output token), `prefill_flops`,
+    `prefill_bytes` (encoders + LLM prefill of one clip) and `analytic` (their parts; see `evaluation.analytic`),
+    None where not computed; `tpot_floor_ms` (decode bytes / measured bandwidth, ms) and `tpot_over_floor`.
     """
     parts = model.parts()
     params = count_parameters(model, parts)
@@ -531,6 +564,20 @@ def _report(model: AudioLanguageModel, samples: _Samples, cfg: EfficiencyConfig)
         "tpot": tpot,
         "throughput_clips_per_s": throughput and throughput["clips_per_s"],
         "throughput": throughput,
+        **_analytic_columns(costs, bandwidth, tpot[headline]),
+    }
+
+
+def _analytic_columns(costs: dict[str, Any] | None, bandwidth: dict[str, Any] | None,
+                      tpot_ms: float) -> dict[str, Any]:
+    if costs is None:
+        return {"decode_flops": None, "decode_bytes": None, "prefill_flops": None, "prefill_bytes": None,
+                "analytic": None, "tpot_floor_ms": None, "tpot_over_floor": None}
+    floor = None if bandwidth is None else costs["decode"]["bytes"] / (bandwidth["gb_per_s"] * 1e9) * 1e3
+    return {
+        "decode_flops": costs["decode"]["flops"], "decode_bytes": costs["decode"]["bytes"],
+        "prefill_flops": costs["prefill"]["flops"], "prefill_bytes": costs["prefill"]["bytes"],
+        "analytic": costs, "tpot_floor_ms": floor, "tpot_over_floor": None if floor is None else tpot_ms / floor,
     }
 
 
@@ -585,6 +632,51 @@ def ratios(report: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str,
     return out
 
 
+def measure_bandwidth(device: torch.device, seconds: float = 1.0, megabytes: int = 128) -> dict[str, Any]:
+    """Memory bandwidth of `device`: the best of repeated `dst.copy_(src)` of `megabytes` MB (each copy reads and
+    writes it: 2 × bytes moved), repeated for about `seconds`. The best, not the median: the floor is what the
+    machine can do, and other processes only slow a copy down. Returns `{"gb_per_s", "copies", "bytes", "method"}`
+    (GB = 1e9 bytes)."""
+    device = torch.device(device)
+    elements = megabytes * 10**6 // 4
+    src = torch.ones(elements, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch: page faults are no bandwidth
+    best, copies, deadline = float("inf"), 0, time.perf_counter() + seconds
+    while copies < 3 or time.perf_counter() < deadline:
+        _, ms = _timed(device, dst.copy_, src)
+        best, copies = min(best, ms), copies + 1
+    moved = 2 * src.numel() * src.element_size()
+    del src, dst
+    return {"gb_per_s": moved / (best / 1e3) / 1e9, "copies": copies, "bytes": moved,
+            "method": f"best of {copies} copies of {megabytes} MB (read + write) on {device}"}
+
+
+def set_attention(model: nn.Module, attention: str) -> nn.Module:
+    """Set the attention code of every Hugging Face model inside `model`: "eager" for HF's eager attention, "sdpa"
+    or "sdpa_math" for torch's `scaled_dot_product_attention` (the math-only limit is `sdpa_kernel` around the
+    timed region). Parts that are not HF models (BEATs, the Q-Former glue) keep theirs. Returns `model`."""
+    from transformers import PreTrainedModel
+
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {list(ATTENTION_CHOICES)}, got {attention!r}")
+    implementation = "eager" if attention == "eager" else "sdpa"
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.config._attn_implementation != implementation:
+            try:
+                module.set_attn_implementation(implementation)
+            except ValueError:  # no SDPA for this architecture in transformers (Gemma-2: logit soft-capping)
+                pass
+    return model
+
+
+def attention_implementations(model: nn.Module) -> dict[str, str]:
+    """Class name → attention implementation of the Hugging Face models inside `model` (what actually runs)."""
+    from transformers import PreTrainedModel
+
+    return {type(m).__name__: m.config._attn_implementation for m in model.modules() if isinstance(m, PreTrainedModel)}
+
+
 def release_memory() -> None:
     """Give freed tensors' memory back (host garbage, and the CUDA caching allocator's blocks) between models."""
     gc.collect()
@@ -606,4 +698,5 @@ def _settings(models: Mapping[str, AudioLanguageModel], clips: Sequence[Batch],
         "cuda_devices": cuda_names,
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
+        "attention": {name: attention_implementations(model) for name, model in models.items()},
     }
