@@ -627,7 +627,7 @@ def ratios(report: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str,
     """`report / reference` over `RATIO_KEYS` (None where either is unavailable or the reference is 0)."""
     out = {}
     for key in RATIO_KEYS:
-        value, base = report[key], reference[key]
+        value, base = report.get(key), reference.get(key)
         out[key] = None if value is None or base is None or base == 0 else value / base
     return out
 
