@@ -1,7 +1,10 @@
 """Efficiency of an `AudioLanguageModel`: parameters, weight bytes, peak memory, TTFT, TPOT, throughput.
 
 Every stage is measured by this code, and stages are compared in one process run (`compare`), with
-models interleaved so that drift (thermal, other processes on a shared CPU) falls on all of them alike.
+models interleaved so that drift (thermal, other processes on a shared CPU) falls on all of them alike;
+besides the ratio of the headline statistics, `compare` gives paired ratios (the median over repetitions
+of model / reference within the same repetition). `python -m evaluation.repeatability` checks that two
+evaluations back to back agree.
 
 What each number counts (batch 1, the batch already on the model's device, `torch.inference_mode`,
 the device synchronized before and after every timed region):
@@ -11,8 +14,9 @@ the device synchronized before and after every timed region):
     fixed `decode_steps` steps and times every step, so the cache lengths seen are the same in every
     run and for every model; the statistics pool all steps of all runs. Decoding never stops early at
     an end symbol here (timing only).
-  - Peak memory: the model's weight bytes plus the largest growth of memory in use during one timed
-    run above what was in use when it began (see `PeakMemoryMeter`), in MiB (2^20 bytes). Adding the
+  - Peak memory: the model's weight bytes plus the largest growth of memory in use during one latency
+    run above what was in use when it began (see `PeakMemoryMeter`), in MiB (2^20 bytes), metered in
+    `memory_runs` runs after the timed ones (their times discarded). Adding the
     weights, rather than reading the device's absolute peak, keeps the number to this model when several
     share a process. On CUDA the raw `max_memory_allocated` is reported beside it.
   - Throughput: full `generate` on batches of `throughput_batch_size` clips, clips per second.
@@ -86,9 +90,16 @@ class EfficiencyConfig:
     """Generation length limit for throughput."""
     num_beams: int = 1
     """Beam width for throughput."""
-    statistic: Literal["median", "mean"] | None = None
+    statistic: Literal["median", "mean", "min"] | None = None
     """Which statistic is the headline `ttft_ms` / `tpot_ms`: median careful, mean hackathon. Mean,
-    median and p90 are always reported."""
+    median, min and p90 are always reported."""
+    threads: int = 0
+    """torch CPU threads while measuring (restored after); 0 leaves the current setting. Times are comparable only at
+    equal threads, and a fixed count keeps another process' load from changing torch's choice."""
+    memory_runs: int = 1
+    """Runs per model, after the timed ones, that meter peak memory; their times are discarded. The meter hands freed
+    heap pages back to the OS before a run (`malloc_trim`), which the run then faults in again: inside a timed run
+    that costs time that depends on what ran before. 0 meters the timed runs themselves (the earlier protocol)."""
     analytic: bool = True
     """Add FLOPs and bytes per decode step and per prefill from the model's shapes (`evaluation.analytic`)."""
     bandwidth_seconds: float = 1.0
@@ -100,10 +111,10 @@ class EfficiencyConfig:
         for name, default in PROTOCOL_DEFAULTS[self.protocol].items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
-        if self.statistic not in ("median", "mean"):
-            raise ValueError(f"statistic must be 'median' or 'mean', got {self.statistic!r}")
+        if self.statistic not in ("median", "mean", "min"):
+            raise ValueError(f"statistic must be 'median', 'mean' or 'min', got {self.statistic!r}")
         minimums = {"warmup_runs": 0, "timed_runs": 1, "decode_steps": 1, "throughput_batch_size": 1,
-                    "throughput_runs": 0, "max_new_tokens": 1, "num_beams": 1}
+                    "throughput_runs": 0, "max_new_tokens": 1, "num_beams": 1, "threads": 0, "memory_runs": 0}
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be at least {minimum}, got {getattr(self, name)}")
@@ -372,14 +383,15 @@ def _latency_run(model: AudioLanguageModel, clip: Batch, cfg: EfficiencyConfig) 
 
 
 def _measured_latency_run(model: AudioLanguageModel, clip: Batch, cfg: EfficiencyConfig,
-                          samples: _Samples) -> None:
-    """A timed run with its peak memory metered."""
+                          samples: _Samples, keep_times: bool = True) -> None:
+    """A run with its peak memory metered (its times kept in `samples` when `keep_times`)."""
     meter = PeakMemoryMeter(model.device)
     meter.start()
     ttft, tpot = _latency_run(model, clip, cfg)
     growth = meter.stop()
-    samples.ttft_ms.append(ttft)
-    samples.tpot_ms_by_run.append(tpot)
+    if keep_times:
+        samples.ttft_ms.append(ttft)
+        samples.tpot_ms_by_run.append(tpot)
     if growth is not None:
         samples.memory_growth_bytes.append(growth)
     if meter.device_peak_bytes is not None:
@@ -449,7 +461,7 @@ def compare(models: Mapping[str, AudioLanguageModel], clips: Sequence[Batch], cf
     inputs = {name: [move_batch(clip, model.device) for clip in clips] for name, model in models.items()}
     samples = {name: _Samples() for name in names}
     gc.collect()
-    with _evaluating(list(models.values())):
+    with _evaluating(list(models.values())), _threads(cfg.threads):
         _run_latency(models, inputs, cfg, samples)
         if cfg.throughput_runs:
             _run_throughput(models, inputs, cfg, samples)
@@ -461,8 +473,32 @@ def compare(models: Mapping[str, AudioLanguageModel], clips: Sequence[Batch], cf
         "settings": {**_settings(models, clips, cfg), "memory_bandwidth": bandwidth},
         "reference": reference,
         "models": reports,
-        "ratios": {name: ratios(reports[name], reports[reference]) for name in names},
+        "ratios": {name: {**ratios(reports[name], reports[reference]),
+                          **paired_ratios(samples[name], samples[reference])} for name in names},
     }
+
+
+def paired_ratios(samples: _Samples, reference: _Samples) -> dict[str, float]:
+    """Medians over repetitions of (this model's time / the reference's time in the same repetition): TTFT, and
+    TPOT as each run's median step. Runs of one repetition sit next to each other in time, so drift slower than a
+    repetition cancels in each quotient."""
+    ttft = np.asarray(samples.ttft_ms) / np.asarray(reference.ttft_ms)
+    def run_medians(runs: _Samples) -> np.ndarray:
+        return np.median(np.asarray(runs.tpot_ms_by_run), axis=1)
+
+    tpot = run_medians(samples) / run_medians(reference)
+    return {"ttft_ms_paired": float(np.median(ttft)), "tpot_ms_paired": float(np.median(tpot))}
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def measure(model: AudioLanguageModel, clips: Sequence[Batch], cfg: EfficiencyConfig) -> dict[str, Any]:
@@ -472,11 +508,12 @@ def measure(model: AudioLanguageModel, clips: Sequence[Batch], cfg: EfficiencyCo
 
 
 def summarize(samples_ms: Sequence[float]) -> dict[str, float | int]:
-    """`{"mean_ms", "median_ms", "p90_ms", "n"}` of timing samples in ms (p90: linear interpolation)."""
+    """`{"mean_ms", "median_ms", "min_ms", "p90_ms", "n"}` of timing samples in ms (p90: linear interpolation)."""
     values = np.asarray(samples_ms, dtype=np.float64)
     return {
         "mean_ms": float(values.mean()),
         "median_ms": float(np.median(values)),
+        "min_ms": float(values.min()),
         "p90_ms": float(np.percentile(values, 90)),
         "n": int(values.size),
     }
@@ -492,14 +529,35 @@ def _check_clips(clips: Sequence[Batch]) -> None:
 
 def _run_latency(models: Mapping[str, AudioLanguageModel], inputs: Mapping[str, list[Batch]],
                  cfg: EfficiencyConfig, samples: Mapping[str, _Samples]) -> None:
-    for repetition in range(cfg.warmup_runs):
-        for name in _interleaved(list(models), repetition):
-            clips = inputs[name]
-            _latency_run(models[name], clips[repetition % len(clips)], cfg)
-    for repetition in range(cfg.timed_runs):
-        for name in _interleaved(list(models), repetition):
-            clips = inputs[name]
-            _measured_latency_run(models[name], clips[repetition % len(clips)], cfg, samples[name])
+    """Warm-ups (the same runs untimed: kernels chosen, caches and the allocator's pools at their working size), timed
+    runs, then memory runs; models interleaved in each repetition. The garbage collector is kept out of the timed
+    runs (collected between repetitions instead): a collection inside a decode step is noise, not the model."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for repetition in range(cfg.warmup_runs):
+            for name in _interleaved(list(models), repetition):
+                clips = inputs[name]
+                _latency_run(models[name], clips[repetition % len(clips)], cfg)
+        for repetition in range(cfg.timed_runs):
+            gc.collect()
+            for name in _interleaved(list(models), repetition):
+                clips = inputs[name]
+                if cfg.memory_runs:
+                    ttft, tpot = _latency_run(models[name], clips[repetition % len(clips)], cfg)
+                    samples[name].ttft_ms.append(ttft)
+                    samples[name].tpot_ms_by_run.append(tpot)
+                else:
+                    _measured_latency_run(models[name], clips[repetition % len(clips)], cfg, samples[name])
+        for repetition in range(cfg.memory_runs):
+            gc.collect()
+            for name in _interleaved(list(models), repetition):
+                clips = inputs[name]
+                _measured_latency_run(models[name], clips[repetition % len(clips)], cfg, samples[name],
+                                      keep_times=False)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
 
 
 def _run_throughput(models: Mapping[str, AudioLanguageModel], inputs: Mapping[str, list[Batch]],

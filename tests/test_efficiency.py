@@ -246,7 +246,7 @@ def test_hackathon_protocol_honours_its_run_counts():
     model = CountingStandIn("model", log)
     cfg = EfficiencyConfig(protocol="hackathon", decode_steps=1, throughput_runs=0, analytic=False)
     report = measure(model, [make_clip()], cfg)
-    assert len(log) == 10 + 100  # warm-ups, then timed runs; throughput and the analytic pass skipped
+    assert len(log) == 10 + 100 + 1  # warm-ups, timed runs, a memory run; throughput and the analytic pass skipped
     assert report["ttft"]["n"] == 100 and report["tpot"]["n"] == 100
     assert report["ttft_ms"] == report["ttft"]["mean_ms"]
     assert report["throughput"] is None and report["throughput_clips_per_s"] is None
@@ -260,8 +260,8 @@ def test_compare_interleaves_and_ratios_divide_per_model_numbers():
     result = compare(models, [make_clip()], cfg, reference="teacher")
 
     forward, backward = ["teacher", "student"], ["student", "teacher"]
-    # 2 warm-ups, then 3 timed, then one untimed pass each for the analytic costs
-    assert log == forward + backward + forward + backward + forward + forward
+    # 2 warm-ups, then 3 timed, then one metered for memory, then one untimed pass each for the analytic costs
+    assert log == forward + backward + forward + backward + forward + forward + forward
     assert result["reference"] == "teacher"
     teacher = result["models"]["teacher"]
     for name, report in result["models"].items():
@@ -282,7 +282,7 @@ def test_compare_rejects_unknown_reference_and_batched_clips():
 
 def test_summarize_statistics():
     stats = summarize([4.0, 1.0, 3.0, 2.0, 10.0])
-    assert stats == {"mean_ms": 4.0, "median_ms": 3.0, "p90_ms": pytest.approx(7.6), "n": 5}
+    assert stats == {"mean_ms": 4.0, "median_ms": 3.0, "min_ms": 1.0, "p90_ms": pytest.approx(7.6), "n": 5}
 
 
 @pytest.mark.parametrize("method", ["clear_refs", "sampling"])
