@@ -27,7 +27,6 @@ from common.device import InferenceDtype, place_for_inference
 from common.feature_store import with_feature_store
 from common.features import AudioFeaturizer, FeatureConfig
 from evaluation.asr_metrics import NORMALIZER_NAME, asr_scores
-from evaluation.caption_metrics import caption_scores
 from evaluation.efficiency import EfficiencyConfig, compare, ratios, release_memory
 from evaluation.interface import AudioLanguageModel
 from evaluation.results import (QUALITY_KEYS, build_results, efficiency_metrics, format_summary, load_results,
@@ -132,6 +131,9 @@ def decode(model: AudioLanguageModel, dataset, indices: list[int], cfg: JobConfi
 def quality(model: AudioLanguageModel, dataset, cfg: JobConfig, out_dir: Path,
             cache_dir: Path | None) -> tuple[dict, dict, dict]:
     """Decode the chosen clips, write predictions.jsonl, return (metrics, settings, unavailable)."""
+    # Imported here: aac-metrics (installed apart, see scripts/setup_env.sh) is not needed to time models (gpu_check).
+    from evaluation.caption_metrics import caption_scores
+
     chosen, refs = select_clips(dataset, cfg.max_clips_per_task)
     metrics, unavailable = {}, {}
     lines = []
