@@ -59,11 +59,27 @@ def is_quantized(model: nn.Module) -> bool:
 def place_for_inference(model: nn.Module, device: Device = "auto", dtype: InferenceDtype = "auto",
                         where: str = "") -> nn.Module:
     """`model` in eval mode on `device`, its floating weights in `dtype`. int8-quantized weights (torchao) only
-    move: their scales keep the dtype they were quantized in."""
+    move: their scales keep the dtype they were quantized in; the rest of such a model (embeddings, norms, LM head,
+    biases) takes `dtype`, so an int8 model on a V100 computes in float16 like the others (weight-only int8 casts
+    its int8 weight to the activations' dtype at each matmul)."""
     prefix = f"{where}." if where else ""
     target = resolve_device(device, prefix + "device")
     wanted = resolve_dtype(dtype, target, prefix + "dtype")
     model = model.to(target)
     if not is_quantized(model):
         model = model.to(wanted)
+    else:
+        _cast_plain_floating(model, wanted)
     return model.eval()
+
+
+def _cast_plain_floating(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every plain floating parameter and buffer to `dtype` in place, leaving tensor subclasses (torchao's int8
+    weights) alone. `param.data` is replaced, not the Parameter, so tied weights stay tied."""
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if type(param.data) is torch.Tensor and param.is_floating_point():
+                param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if type(buffer) is torch.Tensor and buffer.is_floating_point():
+                module._buffers[name] = buffer.to(dtype)

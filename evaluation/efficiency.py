@@ -1,7 +1,10 @@
 """Efficiency of an `AudioLanguageModel`: parameters, weight bytes, peak memory, TTFT, TPOT, throughput.
 
 Every stage is measured by this code, and stages are compared in one process run (`compare`), with
-models interleaved so that drift (thermal, other processes on a shared CPU) falls on all of them alike.
+models interleaved so that drift (thermal, other processes on a shared CPU) falls on all of them alike;
+besides the ratio of the headline statistics, `compare` gives paired ratios (the median over repetitions
+of model / reference within the same repetition). `python -m evaluation.repeatability` checks that two
+evaluations back to back agree.
 
 What each number counts (batch 1, the batch already on the model's device, `torch.inference_mode`,
 the device synchronized before and after every timed region):
@@ -11,11 +14,15 @@ the device synchronized before and after every timed region):
     fixed `decode_steps` steps and times every step, so the cache lengths seen are the same in every
     run and for every model; the statistics pool all steps of all runs. Decoding never stops early at
     an end symbol here (timing only).
-  - Peak memory: the model's weight bytes plus the largest growth of memory in use during one timed
-    run above what was in use when it began (see `PeakMemoryMeter`), in MiB (2^20 bytes). Adding the
+  - Peak memory: the model's weight bytes plus the largest growth of memory in use during one latency
+    run above what was in use when it began (see `PeakMemoryMeter`), in MiB (2^20 bytes), metered in
+    `memory_runs` runs after the timed ones (their times discarded). Adding the
     weights, rather than reading the device's absolute peak, keeps the number to this model when several
     share a process. On CUDA the raw `max_memory_allocated` is reported beside it.
   - Throughput: full `generate` on batches of `throughput_batch_size` clips, clips per second.
+  - Analytic costs (`evaluation.analytic`): FLOPs and bytes moved per decode step (at the timed steps' mean context)
+    and per prefill, from the model's shapes; with the machine's memory bandwidth (a large copy, ~1 s) they give
+    the TPOT floor, bytes per step / bandwidth, beside the measured TPOT.
 """
 
 from __future__ import annotations
@@ -47,8 +54,13 @@ PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
     "hackathon": {"warmup_runs": 10, "timed_runs": 100, "input_seconds": 10.0, "statistic": "mean"},
 }
 
-RATIO_KEYS = ("params", "weight_bytes", "peak_memory_mb", "ttft_ms", "tpot_ms", "throughput_clips_per_s")
+RATIO_KEYS = ("params", "weight_bytes", "peak_memory_mb", "ttft_ms", "tpot_ms", "throughput_clips_per_s",
+              "decode_flops", "decode_bytes", "prefill_flops", "prefill_bytes")
 """Per-model numbers that `compare` divides by the reference model's."""
+
+ATTENTION_CHOICES = ("sdpa_math", "sdpa", "eager")
+"""Attention of the Hugging Face parts: SDPA limited to its math kernel (what a V100 without FlashAttention runs
+everywhere; the limit itself is set around the timed region by the caller), SDPA as it picks, or HF's eager code."""
 
 
 @dataclass
@@ -78,9 +90,20 @@ class EfficiencyConfig:
     """Generation length limit for throughput."""
     num_beams: int = 1
     """Beam width for throughput."""
-    statistic: Literal["median", "mean"] | None = None
+    statistic: Literal["median", "mean", "min"] | None = None
     """Which statistic is the headline `ttft_ms` / `tpot_ms`: median careful, mean hackathon. Mean,
-    median and p90 are always reported."""
+    median, min and p90 are always reported."""
+    threads: int = 0
+    """torch CPU threads while measuring (restored after); 0 leaves the current setting. Times are comparable only at
+    equal threads, and a fixed count keeps another process' load from changing torch's choice."""
+    memory_runs: int = 1
+    """Runs per model, after the timed ones, that meter peak memory; their times are discarded. The meter hands freed
+    heap pages back to the OS before a run (`malloc_trim`), which the run then faults in again: inside a timed run
+    that costs time that depends on what ran before. 0 meters the timed runs themselves (the earlier protocol)."""
+    analytic: bool = True
+    """Add FLOPs and bytes per decode step and per prefill from the model's shapes (`evaluation.analytic`)."""
+    bandwidth_seconds: float = 1.0
+    """How long to measure the device's memory bandwidth (repeated large copies) for the TPOT floor; 0 skips it."""
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOL_DEFAULTS:
@@ -88,10 +111,10 @@ class EfficiencyConfig:
         for name, default in PROTOCOL_DEFAULTS[self.protocol].items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
-        if self.statistic not in ("median", "mean"):
-            raise ValueError(f"statistic must be 'median' or 'mean', got {self.statistic!r}")
+        if self.statistic not in ("median", "mean", "min"):
+            raise ValueError(f"statistic must be 'median', 'mean' or 'min', got {self.statistic!r}")
         minimums = {"warmup_runs": 0, "timed_runs": 1, "decode_steps": 1, "throughput_batch_size": 1,
-                    "throughput_runs": 0, "max_new_tokens": 1, "num_beams": 1}
+                    "throughput_runs": 0, "max_new_tokens": 1, "num_beams": 1, "threads": 0, "memory_runs": 0}
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be at least {minimum}, got {getattr(self, name)}")
@@ -360,14 +383,15 @@ def _latency_run(model: AudioLanguageModel, clip: Batch, cfg: EfficiencyConfig) 
 
 
 def _measured_latency_run(model: AudioLanguageModel, clip: Batch, cfg: EfficiencyConfig,
-                          samples: _Samples) -> None:
-    """A timed run with its peak memory metered."""
+                          samples: _Samples, keep_times: bool = True) -> None:
+    """A run with its peak memory metered (its times kept in `samples` when `keep_times`)."""
     meter = PeakMemoryMeter(model.device)
     meter.start()
     ttft, tpot = _latency_run(model, clip, cfg)
     growth = meter.stop()
-    samples.ttft_ms.append(ttft)
-    samples.tpot_ms_by_run.append(tpot)
+    if keep_times:
+        samples.ttft_ms.append(ttft)
+        samples.tpot_ms_by_run.append(tpot)
     if growth is not None:
         samples.memory_growth_bytes.append(growth)
     if meter.device_peak_bytes is not None:
@@ -437,17 +461,44 @@ def compare(models: Mapping[str, AudioLanguageModel], clips: Sequence[Batch], cf
     inputs = {name: [move_batch(clip, model.device) for clip in clips] for name, model in models.items()}
     samples = {name: _Samples() for name in names}
     gc.collect()
-    with _evaluating(list(models.values())):
+    with _evaluating(list(models.values())), _threads(cfg.threads):
         _run_latency(models, inputs, cfg, samples)
         if cfg.throughput_runs:
             _run_throughput(models, inputs, cfg, samples)
-    reports = {name: _report(model, samples[name], cfg) for name, model in models.items()}
+        costs = {name: _analytic(model, inputs[name][0], cfg) for name, model in models.items()}
+    bandwidth = _bandwidths(models, cfg)
+    reports = {name: _report(model, samples[name], cfg, costs[name], bandwidth.get(str(model.device)))
+               for name, model in models.items()}
     return {
-        "settings": _settings(models, clips, cfg),
+        "settings": {**_settings(models, clips, cfg), "memory_bandwidth": bandwidth},
         "reference": reference,
         "models": reports,
-        "ratios": {name: ratios(reports[name], reports[reference]) for name in names},
+        "ratios": {name: {**ratios(reports[name], reports[reference]),
+                          **paired_ratios(samples[name], samples[reference])} for name in names},
     }
+
+
+def paired_ratios(samples: _Samples, reference: _Samples) -> dict[str, float]:
+    """Medians over repetitions of (this model's time / the reference's time in the same repetition): TTFT, and
+    TPOT as each run's median step. Runs of one repetition sit next to each other in time, so drift slower than a
+    repetition cancels in each quotient."""
+    ttft = np.asarray(samples.ttft_ms) / np.asarray(reference.ttft_ms)
+    def run_medians(runs: _Samples) -> np.ndarray:
+        return np.median(np.asarray(runs.tpot_ms_by_run), axis=1)
+
+    tpot = run_medians(samples) / run_medians(reference)
+    return {"ttft_ms_paired": float(np.median(ttft)), "tpot_ms_paired": float(np.median(tpot))}
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def measure(model: AudioLanguageModel, clips: Sequence[Batch], cfg: EfficiencyConfig) -> dict[str, Any]:
@@ -457,11 +508,12 @@ def measure(model: AudioLanguageModel, clips: Sequence[Batch], cfg: EfficiencyCo
 
 
 def summarize(samples_ms: Sequence[float]) -> dict[str, float | int]:
-    """`{"mean_ms", "median_ms", "p90_ms", "n"}` of timing samples in ms (p90: linear interpolation)."""
+    """`{"mean_ms", "median_ms", "min_ms", "p90_ms", "n"}` of timing samples in ms (p90: linear interpolation)."""
     values = np.asarray(samples_ms, dtype=np.float64)
     return {
         "mean_ms": float(values.mean()),
         "median_ms": float(np.median(values)),
+        "min_ms": float(values.min()),
         "p90_ms": float(np.percentile(values, 90)),
         "n": int(values.size),
     }
@@ -477,14 +529,35 @@ def _check_clips(clips: Sequence[Batch]) -> None:
 
 def _run_latency(models: Mapping[str, AudioLanguageModel], inputs: Mapping[str, list[Batch]],
                  cfg: EfficiencyConfig, samples: Mapping[str, _Samples]) -> None:
-    for repetition in range(cfg.warmup_runs):
-        for name in _interleaved(list(models), repetition):
-            clips = inputs[name]
-            _latency_run(models[name], clips[repetition % len(clips)], cfg)
-    for repetition in range(cfg.timed_runs):
-        for name in _interleaved(list(models), repetition):
-            clips = inputs[name]
-            _measured_latency_run(models[name], clips[repetition % len(clips)], cfg, samples[name])
+    """Warm-ups (the same runs untimed: kernels chosen, caches and the allocator's pools at their working size), timed
+    runs, then memory runs; models interleaved in each repetition. The garbage collector is kept out of the timed
+    runs (collected between repetitions instead): a collection inside a decode step is noise, not the model."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for repetition in range(cfg.warmup_runs):
+            for name in _interleaved(list(models), repetition):
+                clips = inputs[name]
+                _latency_run(models[name], clips[repetition % len(clips)], cfg)
+        for repetition in range(cfg.timed_runs):
+            gc.collect()
+            for name in _interleaved(list(models), repetition):
+                clips = inputs[name]
+                if cfg.memory_runs:
+                    ttft, tpot = _latency_run(models[name], clips[repetition % len(clips)], cfg)
+                    samples[name].ttft_ms.append(ttft)
+                    samples[name].tpot_ms_by_run.append(tpot)
+                else:
+                    _measured_latency_run(models[name], clips[repetition % len(clips)], cfg, samples[name])
+        for repetition in range(cfg.memory_runs):
+            gc.collect()
+            for name in _interleaved(list(models), repetition):
+                clips = inputs[name]
+                _measured_latency_run(models[name], clips[repetition % len(clips)], cfg, samples[name],
+                                      keep_times=False)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
 
 
 def _run_throughput(models: Mapping[str, AudioLanguageModel], inputs: Mapping[str, list[Batch]],
@@ -498,7 +571,23 @@ def _run_throughput(models: Mapping[str, AudioLanguageModel], inputs: Mapping[st
             samples[name].generate_seconds.append(_generate_seconds(models[name], batch, cfg))
 
 
-def _report(model: AudioLanguageModel, samples: _Samples, cfg: EfficiencyConfig) -> dict[str, Any]:
+def _analytic(model: AudioLanguageModel, clip: Batch, cfg: EfficiencyConfig) -> dict[str, Any] | None:
+    if not cfg.analytic:
+        return None
+    from evaluation.analytic import model_costs  # analytic imports this module's tensor_bytes
+
+    return model_costs(model, clip, cfg.prompt, cfg.decode_steps)
+
+
+def _bandwidths(models: Mapping[str, AudioLanguageModel], cfg: EfficiencyConfig) -> dict[str, dict[str, Any]]:
+    if cfg.bandwidth_seconds <= 0:
+        return {}
+    return {device: measure_bandwidth(torch.device(device), cfg.bandwidth_seconds) for device in sorted({str(m.device)
+                                                                                  for m in models.values()})}
+
+
+def _report(model: AudioLanguageModel, samples: _Samples, cfg: EfficiencyConfig,
+            costs: dict[str, Any] | None = None, bandwidth: dict[str, Any] | None = None) -> dict[str, Any]:
     """One model's numbers.
 
     Keys: `device`; `params`, `trainable_params` (elements), `params_per_part`; `weight_bytes`,
@@ -506,7 +595,9 @@ def _report(model: AudioLanguageModel, samples: _Samples, cfg: EfficiencyConfig)
     unmeasurable) and `peak_memory` (its parts, `device_peak_mb` on CUDA, `method`); `ttft_ms`,
     `tpot_ms` (the protocol's headline statistic) and `ttft`, `tpot` (`summarize` of all samples, plus
     `samples_ms`; `tpot` also `runs`, `steps_per_run`, `median_ms_by_step`); `throughput_clips_per_s`
-    and `throughput` (None when skipped).
+    and `throughput` (None when skipped); `decode_flops`, `decode_bytes` (per output token), `prefill_flops`,
+    `prefill_bytes` (encoders + LLM prefill of one clip) and `analytic` (their parts; see `evaluation.analytic`),
+    None where not computed; `tpot_floor_ms` (decode bytes / measured bandwidth, ms) and `tpot_over_floor`.
     """
     parts = model.parts()
     params = count_parameters(model, parts)
@@ -531,6 +622,20 @@ def _report(model: AudioLanguageModel, samples: _Samples, cfg: EfficiencyConfig)
         "tpot": tpot,
         "throughput_clips_per_s": throughput and throughput["clips_per_s"],
         "throughput": throughput,
+        **_analytic_columns(costs, bandwidth, tpot[headline]),
+    }
+
+
+def _analytic_columns(costs: dict[str, Any] | None, bandwidth: dict[str, Any] | None,
+                      tpot_ms: float) -> dict[str, Any]:
+    if costs is None:
+        return {"decode_flops": None, "decode_bytes": None, "prefill_flops": None, "prefill_bytes": None,
+                "analytic": None, "tpot_floor_ms": None, "tpot_over_floor": None}
+    floor = None if bandwidth is None else costs["decode"]["bytes"] / (bandwidth["gb_per_s"] * 1e9) * 1e3
+    return {
+        "decode_flops": costs["decode"]["flops"], "decode_bytes": costs["decode"]["bytes"],
+        "prefill_flops": costs["prefill"]["flops"], "prefill_bytes": costs["prefill"]["bytes"],
+        "analytic": costs, "tpot_floor_ms": floor, "tpot_over_floor": None if floor is None else tpot_ms / floor,
     }
 
 
@@ -580,9 +685,54 @@ def ratios(report: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str,
     """`report / reference` over `RATIO_KEYS` (None where either is unavailable or the reference is 0)."""
     out = {}
     for key in RATIO_KEYS:
-        value, base = report[key], reference[key]
+        value, base = report.get(key), reference.get(key)
         out[key] = None if value is None or base is None or base == 0 else value / base
     return out
+
+
+def measure_bandwidth(device: torch.device, seconds: float = 1.0, megabytes: int = 128) -> dict[str, Any]:
+    """Memory bandwidth of `device`: the best of repeated `dst.copy_(src)` of `megabytes` MB (each copy reads and
+    writes it: 2 × bytes moved), repeated for about `seconds`. The best, not the median: the floor is what the
+    machine can do, and other processes only slow a copy down. Returns `{"gb_per_s", "copies", "bytes", "method"}`
+    (GB = 1e9 bytes)."""
+    device = torch.device(device)
+    elements = megabytes * 10**6 // 4
+    src = torch.ones(elements, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch: page faults are no bandwidth
+    best, copies, deadline = float("inf"), 0, time.perf_counter() + seconds
+    while copies < 3 or time.perf_counter() < deadline:
+        _, ms = _timed(device, dst.copy_, src)
+        best, copies = min(best, ms), copies + 1
+    moved = 2 * src.numel() * src.element_size()
+    del src, dst
+    return {"gb_per_s": moved / (best / 1e3) / 1e9, "copies": copies, "bytes": moved,
+            "method": f"best of {copies} copies of {megabytes} MB (read + write) on {device}"}
+
+
+def set_attention(model: nn.Module, attention: str) -> nn.Module:
+    """Set the attention code of every Hugging Face model inside `model`: "eager" for HF's eager attention, "sdpa"
+    or "sdpa_math" for torch's `scaled_dot_product_attention` (the math-only limit is `sdpa_kernel` around the
+    timed region). Parts that are not HF models (BEATs, the Q-Former glue) keep theirs. Returns `model`."""
+    from transformers import PreTrainedModel
+
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {list(ATTENTION_CHOICES)}, got {attention!r}")
+    implementation = "eager" if attention == "eager" else "sdpa"
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.config._attn_implementation != implementation:
+            try:
+                module.set_attn_implementation(implementation)
+            except ValueError:  # no SDPA for this architecture in transformers (Gemma-2: logit soft-capping)
+                pass
+    return model
+
+
+def attention_implementations(model: nn.Module) -> dict[str, str]:
+    """Class name → attention implementation of the Hugging Face models inside `model` (what actually runs)."""
+    from transformers import PreTrainedModel
+
+    return {type(m).__name__: m.config._attn_implementation for m in model.modules() if isinstance(m, PreTrainedModel)}
 
 
 def release_memory() -> None:
@@ -606,4 +756,5 @@ def _settings(models: Mapping[str, AudioLanguageModel], clips: Sequence[Batch],
         "cuda_devices": cuda_names,
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
+        "attention": {name: attention_implementations(model) for name, model in models.items()},
     }

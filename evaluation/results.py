@@ -19,6 +19,12 @@ annotation entries were read, kept, skipped for an error and dropped by a rule, 
 A metric that could not run is null, with its reason under `unavailable`; a null without a reason,
 or a reason beside a number, is an error. Units: `wer`/`cer` fractions, `params` elements,
 `weight_bytes` bytes, `peak_memory_mb` MiB, `ttft_ms`/`tpot_ms` milliseconds.
+
+Beside the measured numbers, where the model's shapes allow (`evaluation.analytic`), the analytic ones
+(`ANALYTIC_KEYS`): `decode_flops` and `decode_bytes` per output token (weights + KV cache at the timed steps'
+mean context), `prefill_flops` and `prefill_bytes` per clip (encoders + LLM prefill), and `tpot_floor_ms`,
+decode bytes over the machine's measured memory bandwidth. They do not move between runs; their ratios
+explain the measured ones.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ QUALITY_KEYS = ("wer", "cer", "cider_d", "spice", "spider")
 EFFICIENCY_KEYS = ("params", "weight_bytes", "peak_memory_mb", "ttft_ms", "tpot_ms")
 METRIC_KEYS = QUALITY_KEYS + EFFICIENCY_KEYS
 """Keys every results.json has (a number, or null with a reason)."""
+ANALYTIC_KEYS = ("decode_flops", "decode_bytes", "prefill_flops", "prefill_bytes", "tpot_floor_ms")
+"""Keys a results.json has when the analytic costs were computed (older files and models without an HF LLM lack
+them)."""
 
 
 def build_results(metrics: Mapping[str, float | int | None], settings: Mapping[str, Any],
@@ -65,6 +74,7 @@ def build_results(metrics: Mapping[str, float | int | None], settings: Mapping[s
 def efficiency_metrics(report: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """From an `evaluation.efficiency` model report: (`EFFICIENCY_KEYS` → value, unavailable reasons)."""
     values = {key: report[key] for key in EFFICIENCY_KEYS}
+    values.update({key: report[key] for key in ANALYTIC_KEYS if report.get(key) is not None})
     if values["peak_memory_mb"] is not None:
         return values, {}
     # Only peak memory can be missing: CPU memory needs /proc (see PeakMemoryMeter).
@@ -138,6 +148,9 @@ def format_summary(results: Mapping[str, Any]) -> str:
         value = results[key]
         note = f"unavailable: {results['unavailable'][key]}" if value is None else ""
         lines.append(f"{key:<16}{_format_value(key, value):>18}  {note}".rstrip())
+    for key in ANALYTIC_KEYS:
+        if results.get(key) is not None:
+            lines.append(f"{key:<16}{_format_value(key, results[key]):>18}  analytic (model shapes)")
     if isinstance(results.get("data"), Mapping):
         data = results["data"]
         lost = {f"{kind} {reason}": n for kind in ("skipped", "dropped") for reason, n in data.get(kind, {}).items()}
@@ -155,6 +168,10 @@ def _format_value(key: str, value: float | int | None) -> str:
         return f"{value / 2**20:,.2f} MiB"
     if key == "peak_memory_mb":
         return f"{value:,.2f} MiB"
-    if key in ("ttft_ms", "tpot_ms"):
-        return f"{value:,.2f} ms"
+    if key in ("ttft_ms", "tpot_ms", "tpot_floor_ms"):
+        return f"{value:,.2f} ms" if key != "tpot_floor_ms" else f"{value:,.4f} ms"
+    if key.endswith("_flops"):
+        return f"{value / 1e6:,.2f} MFLOP"
+    if key.endswith("_bytes"):
+        return f"{value / 2**20:,.2f} MiB"
     return f"{value:.4f}"

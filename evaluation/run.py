@@ -31,7 +31,6 @@ from common.device import InferenceDtype
 from common.feature_store import with_feature_store
 from common.features import AudioFeaturizer, FeatureConfig
 from evaluation.asr_metrics import NORMALIZER_NAME, asr_scores
-from evaluation.caption_metrics import caption_scores
 from evaluation.efficiency import EfficiencyConfig, compare, ratios, release_memory
 from evaluation.interface import AudioLanguageModel
 from evaluation.models import GenerationConfig
@@ -122,6 +121,9 @@ def decode(model: AudioLanguageModel, dataset, indices: list[int], cfg: JobConfi
 def quality(model: AudioLanguageModel, dataset, cfg: JobConfig, out_dir: Path,
             cache_dir: Path | None) -> tuple[dict, dict, dict]:
     """Decode the chosen clips, write predictions.jsonl, return (metrics, settings, unavailable)."""
+    # Imported here: aac-metrics (installed apart, see scripts/setup_env.sh) is not needed to time models (gpu_check).
+    from evaluation.caption_metrics import caption_scores
+
     chosen, refs = select_clips(dataset, cfg.max_clips_per_task)
     metrics, unavailable = {}, {}
     lines = []
@@ -212,13 +214,20 @@ def comparison_table(results: dict[str, dict], ratios: dict[str, dict], referenc
         return "n/a" if value is None else format(value, spec)
 
     lines = ["| model | WER | CIDEr-D | params | weight MB | params × | weight bytes × | peak memory × | TTFT × | "
-             "TPOT × |", "|---" * 10 + "|"]
+             "TPOT × | prefill FLOPs × | decode bytes × | TPOT / floor |", "|---" * 13 + "|"]
     for name, r in results.items():
         q = ratios[name]
+        floor = r.get("tpot_floor_ms")
+        over = None if floor is None else r["tpot_ms"] / floor
         lines.append(f"| {name} | {fmt(r['wer'], '.3f')} | {fmt(r['cider_d'], '.3f')} | {r['params']:,} | "
-                     f"{r['weight_bytes'] / 2**20:.1f} | {fmt(q['params'], '.3f')} | {fmt(q['weight_bytes'], '.3f')} | "
-                     f"{fmt(q['peak_memory_mb'], '.3f')} | {fmt(q['ttft_ms'], '.3f')} | {fmt(q['tpot_ms'], '.3f')} |")
-    return "\n".join([f"Ratios (×) are to `{reference}`, measured in the same process.", "", *lines])
+                     f"{r['weight_bytes'] / 2**20:.1f} | {fmt(q['params'], '.3f')} | "
+                     f"{fmt(q['weight_bytes'], '.3f')} | "
+                     f"{fmt(q['peak_memory_mb'], '.3f')} | {fmt(q['ttft_ms'], '.3f')} | {fmt(q['tpot_ms'], '.3f')} | "
+                     f"{fmt(q.get('prefill_flops'), '.3f')} | {fmt(q.get('decode_bytes'), '.3f')} | "
+                     f"{fmt(over, '.1f')} |")
+    return "\n".join([f"Ratios (×) are to `{reference}`, measured in the same process; prefill FLOPs and decode bytes "
+                      "(per output token: weights + KV cache) are analytic, from the models' shapes; TPOT / floor is "
+                      "the measured TPOT over decode bytes / the machine's measured memory bandwidth.", "", *lines])
 
 
 DONE_MARKER = "EVALUATED"

@@ -65,7 +65,9 @@ class JobConfig:
     parts: list[str] = field(default_factory=lambda: ["llm", "speech_encoder", "audio_encoder"])
     """Parts whose nn.Linear layers are quantized: any of llm, speech_encoder, audio_encoder, qformer, projector."""
     scheme: Scheme = "int8_weight_only"
-    """int8_weight_only (weights int8, matmul in the activation dtype) or int8_dynamic (int8 activations too)."""
+    """int8_weight_only (weights int8, matmul in the activation dtype: on a V100, float16 compute) or int8_dynamic (int8
+    activations too). Neither decodes faster than float32 on a CPU with torch 2.13 / torchao 0.18 (both cast or
+    quantize per call; `python -m evaluation.int8_speed` measures it): int8 buys bytes here, not CPU time."""
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     """Module names (or name suffixes after a dot) left in floating point."""
     check_text: str = "USER: Describe the audio.\nASSISTANT: a high tone followed by three short beeps"

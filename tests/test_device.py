@@ -50,3 +50,17 @@ def test_int8_weights_only_move():
     placed = place_for_inference(model, "cpu", "float16")
     assert torch.equal(placed[0].weight.dequantize(), before)
     assert torchao is not None
+
+
+def test_an_int8_model_computes_in_the_placement_dtype():
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.LayerNorm(16), nn.Linear(16, 8))
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: fqn == "0")
+    placed = place_for_inference(model, "cpu", "float16")
+    assert placed[0].weight.qdata.dtype == torch.int8  # the int8 weight only moved
+    assert {p.dtype for p in (placed[0].bias, placed[1].weight, placed[2].weight)} == {torch.float16}
+    with torch.no_grad():
+        assert placed(torch.randn(2, 32, dtype=torch.float16)).dtype == torch.float16

@@ -64,7 +64,7 @@ class CountingStandIn(StandInModel):
 
 def small_config(**overrides) -> EfficiencyConfig:
     fields = {"warmup_runs": 1, "timed_runs": 4, "decode_steps": 3, "throughput_batch_size": 2,
-              "throughput_runs": 2, "max_new_tokens": 4}
+              "throughput_runs": 2, "max_new_tokens": 4, "bandwidth_seconds": 0.05}
     return EfficiencyConfig(**{**fields, **overrides})
 
 
@@ -244,9 +244,9 @@ def test_protocol_defaults_and_overrides():
 def test_hackathon_protocol_honours_its_run_counts():
     log: list[str] = []
     model = CountingStandIn("model", log)
-    cfg = EfficiencyConfig(protocol="hackathon", decode_steps=1, throughput_runs=0)
+    cfg = EfficiencyConfig(protocol="hackathon", decode_steps=1, throughput_runs=0, analytic=False)
     report = measure(model, [make_clip()], cfg)
-    assert len(log) == 10 + 100  # warm-ups, then timed runs; throughput skipped
+    assert len(log) == 10 + 100 + 1  # warm-ups, timed runs, a memory run; throughput and the analytic pass skipped
     assert report["ttft"]["n"] == 100 and report["tpot"]["n"] == 100
     assert report["ttft_ms"] == report["ttft"]["mean_ms"]
     assert report["throughput"] is None and report["throughput_clips_per_s"] is None
@@ -260,7 +260,8 @@ def test_compare_interleaves_and_ratios_divide_per_model_numbers():
     result = compare(models, [make_clip()], cfg, reference="teacher")
 
     forward, backward = ["teacher", "student"], ["student", "teacher"]
-    assert log == forward + backward + forward + backward + forward  # 2 warm-ups, then 3 timed
+    # 2 warm-ups, then 3 timed, then one metered for memory, then one untimed pass each for the analytic costs
+    assert log == forward + backward + forward + backward + forward + forward + forward
     assert result["reference"] == "teacher"
     teacher = result["models"]["teacher"]
     for name, report in result["models"].items():
@@ -281,7 +282,7 @@ def test_compare_rejects_unknown_reference_and_batched_clips():
 
 def test_summarize_statistics():
     stats = summarize([4.0, 1.0, 3.0, 2.0, 10.0])
-    assert stats == {"mean_ms": 4.0, "median_ms": 3.0, "p90_ms": pytest.approx(7.6), "n": 5}
+    assert stats == {"mean_ms": 4.0, "median_ms": 3.0, "min_ms": 1.0, "p90_ms": pytest.approx(7.6), "n": 5}
 
 
 @pytest.mark.parametrize("method", ["clear_refs", "sampling"])

@@ -9,7 +9,7 @@ import torch
 from tiny_salmonn import write_teacher_folder
 
 from evaluation.efficiency import EfficiencyConfig
-from evaluation.results import METRIC_KEYS, load_results
+from evaluation.results import ANALYTIC_KEYS, METRIC_KEYS, load_results
 from evaluation.run import main as evaluate_main
 from evaluation.run import select_clips
 
@@ -50,6 +50,8 @@ def test_evaluates_two_stages_and_writes_results(setup, tmp_path):
     assert results["cider_d"] is not None and results["cider_d"] >= 0
     assert results["spice"] is None and results["unavailable"]["spider"] == "needs SPICE"
     assert results["params"] > 0 and results["ttft_ms"] > 0 and results["tpot_ms"] > 0
+    assert all(results[key] > 0 for key in ANALYTIC_KEYS)  # analytic columns beside the measured ones
+    assert "decode bytes ×" in (tmp_path / "table.md").read_text()
     assert results["settings"]["efficiency"]["protocol"] == "careful"
     lines = [json.loads(x) for x in (tmp_path / "teacher" / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 6

@@ -1,0 +1,131 @@
+"""Which int8 scheme decodes faster than float32 here: one toy-size LLM's decode step (batch 1, static KV cache) in
+float32, torchao int8 weight-only and int8 dynamic-activation int8-weight, each eager and under `torch.compile`,
+timed in one process, round-robin, with medians.
+
+    python -m evaluation.int8_speed                       # the quick student's LLM shape (Gemma-2, d 192 × 4)
+    python -m evaluation.int8_speed --hidden 1024 --mlp 4096 --layers 8 --no-compile
+
+Why: torchao's weight-only int8 casts the int8 weight to the activation dtype at every matmul, so on a CPU an eager
+decode step gets slower, not faster; `torch.compile` can fuse that cast into the matmul, and the dynamic scheme
+multiplies int8 by int8 (`torch._int_mm`). Every variant decodes the same `--steps` positions after the same prompt,
+repeatedly (a static cache is overwritten in place, so every repetition sees the same shapes); a repetition times
+`--steps` steps of each variant in turn, the order rotated each time, so drift on a shared machine falls on all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+SCHEMES = ("float32", "int8_weight_only", "int8_dynamic")
+
+
+def toy_llm(args: argparse.Namespace) -> nn.Module:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
+                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                          num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
+                          query_pre_attn_scalar=args.head_dim, max_position_embeddings=512, tie_word_embeddings=True)
+    return Gemma2ForCausalLM(config).eval()
+
+
+def quantized(model: nn.Module, scheme: str) -> nn.Module:
+    """A copy of `model` with every linear layer but the LM head in `scheme` (prune.quantize's choice of layers)."""
+    model = copy.deepcopy(model)
+    if scheme != "float32":
+        from torchao.quantization import quantize_
+
+        from prune.quantize import torchao_config
+
+        quantize_(model, torchao_config(scheme), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn != "lm_head")
+    return model
+
+
+def decoder(model: nn.Module, prompt: int, steps: int, compile_step: bool) -> Callable[[], float]:
+    """A function that decodes `steps` tokens after a `prompt`-token prefill (in a static cache) and returns the
+    median ms per step."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt))
+    with torch.inference_mode():
+        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt), use_cache=True)
+
+    def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        # position_ids given, so the model does not derive them from a Python int (a recompile per position)
+        logits = model(input_ids=token, past_key_values=cache, cache_position=position, position_ids=position[None],
+                       use_cache=True).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    run = torch.compile(step, dynamic=False) if compile_step else step
+    positions = [torch.tensor([prompt + i]) for i in range(steps)]
+
+    def decode() -> float:
+        for layer in cache.layers:  # rewind the static cache to the prompt: same positions, same shapes every time
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length.fill_(prompt)
+        token, times = ids[:, -1:], []
+        with torch.inference_mode():
+            for position in positions:
+                start = time.perf_counter()
+                token = run(token, position)
+                times.append((time.perf_counter() - start) * 1e3)
+        return float(np.median(times))
+
+    return decode
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, default in (("hidden", 192), ("mlp", 512), ("layers", 4), ("heads", 4), ("kv-heads", 2),
+                          ("head-dim", 48), ("vocab", 800), ("prompt", 48), ("steps", 8), ("reps", 40),
+                          ("warmups", 5), ("threads", 1)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager variants only")
+    parser.add_argument("--out", default="", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.cache_size_limit = 64  # one compiled graph per variant; they share the step's code object
+    base = toy_llm(args)
+    variants = {}
+    for scheme in SCHEMES:
+        model = quantized(base, scheme)
+        for compiled in (False, True) if args.compile else (False,):
+            name = f"{scheme}{' compiled' if compiled else ''}"
+            started = time.perf_counter()
+            variants[name] = decoder(model, args.prompt, args.steps, compiled)
+            for _ in range(args.warmups):  # the first calls compile (and fill the allocator)
+                variants[name]()
+            print(f"{name}: ready in {time.perf_counter() - started:.1f} s", flush=True)
+    names = list(variants)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(args.reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(variants[name]())
+    fp32 = float(np.median(samples["float32"]))
+    result = {"settings": {**vars(args), "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "tpot_ms": {name: float(np.median(s)) for name, s in samples.items()},
+              "tpot_min_ms": {name: float(np.min(s)) for name, s in samples.items()}}
+    result["ratio_to_float32"] = {name: ms / fp32 for name, ms in result["tpot_ms"].items()}
+    print(f"\n{'variant':<28}{'TPOT median ms':>16}{'min ms':>10}{'× float32':>11}")
+    for name in names:
+        print(f"{name:<28}{result['tpot_ms'][name]:>16.3f}{result['tpot_min_ms'][name]:>10.3f}"
+              f"{result['ratio_to_float32'][name]:>11.3f}")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
