@@ -318,14 +318,15 @@ def save_resolved(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> P
 
 
 def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = "",
-              config_required: bool | None = None) -> tuple[T, bool]:
+              config_required: bool | None = None, prog: str | None = None) -> tuple[T, bool]:
     """Standard job entry point: `python -m <job> --config FILE [--force] [--print-config] [key=value ...]`.
 
     Returns the config and whether `--force` (rerun even if the output is up to date) was given. On the command
     line (`argv` None) `--config` is required, so that a job never runs on defaults nobody chose; a Python caller
     passing `argv` may leave it out and start from the dataclass defaults (`config_required=True` refuses that too,
     for a command reached through a dispatcher such as `python -m experiments ablation`). `--print-config` prints the
-    resolved YAML and exits 0. `--help` lists every config key (see `common.cli`).
+    resolved YAML and exits 0. `prog` names the command in the usage line when it is not the job's own module (a
+    benchmark that reads another job's config). `--help` lists every config key (see `common.cli`).
     """
     import sys
 
@@ -334,7 +335,7 @@ def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = ""
     job = job_name(cls)
     source = getattr(sys.modules.get(cls.__module__), "__file__", None)
     required = argv is None if config_required is None else config_required
-    parser = job_parser(job, source, cls.__name__, description=description, config_required=required)
+    parser = job_parser(prog or job, source, cls.__name__, description=description, config_required=required)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(cls, args.config, args.overrides)

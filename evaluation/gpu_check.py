@@ -39,7 +39,7 @@ DRY_REPETITIONS = {"warmup_runs": 1, "timed_runs": 2, "decode_steps": 2, "throug
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m evaluation.gpu_check", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, help="configs/<preset>/evaluate.yaml names the models "
                         "(default quick; smoke with --dry)")

@@ -85,7 +85,7 @@ def decoder(model: nn.Module, prompt: int, steps: int, compile_step: bool) -> Ca
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evaluation.int8_speed", description=__doc__.split("\n\n")[0])
     for name, default in (("hidden", 192), ("mlp", 512), ("layers", 4), ("heads", 4), ("kv-heads", 2),
                           ("head-dim", 48), ("vocab", 800), ("prompt", 48), ("steps", 8), ("reps", 40),
                           ("warmups", 5), ("threads", 1)):

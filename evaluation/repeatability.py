@@ -33,7 +33,7 @@ def disagreement(first: float, second: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg, _ = parse_cli(JobConfig, argv, description=__doc__.split("\n\n")[0])
+    cfg, _ = parse_cli(JobConfig, argv, description=__doc__.split("\n\n")[0], prog="evaluation.repeatability")
     if not cfg.models:
         raise SystemExit("config error: `models` is empty; list at least one {name, loader, path}")
     missing = [f"{ref.name}: {ref.path}" for ref in cfg.models if not Path(ref.path).exists()]
