@@ -70,6 +70,7 @@ def render_datacard(cfg: ToyBenchConfig, stats: dict, versions: dict[str, str], 
         _splits_section(stats),
         _asr_section(cfg, stats, test["asr"]),
         _aac_section(stats, test["aac"]),
+        _listener_section(),
     ]
     return "\n".join(parts)
 
@@ -235,6 +236,16 @@ Templates that name a later event first say so ("comes after", "follows", "prece
 Examples from the test split:
 
 {example_lines}
+"""
+
+
+def _listener_section() -> str:
+    # A link, not the table: the manifest records this card's sha256, so a listener run must not edit it.
+    return """## Independent listener
+
+A generated benchmark is checked against real pretrained recognizers: their WER overall and per voice family,
+voice, rate, pitch and noise bucket, with the exact commands, is in `LISTENER.md` beside this card (written by
+`python -m toybench.listen`; absent until it has run). A bucket no listener hears is noise, not difficulty.
 """
 
 
