@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import soxr
-import torch
 
 from common.audio import SAMPLE_RATE, load_audio
+from common.views import DatasetView
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def spec_augment(item: dict, cfg: AugmentConfig, rng: np.random.Generator) -> tu
     return len(times), len(bands)
 
 
-class AugmentedDataset(torch.utils.data.Dataset):
+class AugmentedDataset(DatasetView):
     """A training split whose items are augmented per (seed, epoch, index); `set_epoch` is called by
     `common.training.fit`. Wraps an `AudioTextDataset` or a feature-store view of one (same item indices);
     `examples`, `durations`, `report` and `prompt` pass through. `counts` tallies what was drawn."""
@@ -165,24 +165,6 @@ class AugmentedDataset(torch.utils.data.Dataset):
                              "AudioTextDataset or a feature-store view of one with the same items")
         self.root = root
         self.noise_files = noise_files(cfg.noise_dir) if cfg.noise_dir and cfg.noise_snr_db is not None else []
-
-    @property
-    def examples(self):
-        return self.dataset.examples
-
-    @property
-    def durations(self):
-        return self.dataset.durations
-
-    @property
-    def report(self):
-        return self.dataset.report
-
-    def prompt(self, ex) -> str:
-        return self.dataset.prompt(ex)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from common.audio import load_audio
 from common.cleaning import Cleaner, ClipPlan, clip_identity, options_key
 from common.dataset import AudioTextCollator, AudioTextDataset
 from common.features import AudioFeaturizer, FeatureConfig
+from common.views import DatasetView
 
 
 def unique_clips(dataset: AudioTextDataset) -> tuple[list, list[int]]:
@@ -113,37 +113,7 @@ def build_store(dataset: AudioTextDataset, feature_cfg: FeatureConfig, path: Pat
     tmp.replace(path)
 
 
-class _DatasetView(Dataset):
-    """A wrapper that passes the wrapped dataset's `examples`, `durations`, `report`, `prompt` and length through;
-    subclasses set `self.dataset` and change what an item holds."""
-
-    dataset: Dataset
-
-    @property
-    def examples(self):
-        return self.dataset.examples
-
-    @property
-    def durations(self):
-        return self.dataset.durations
-
-    @property
-    def report(self):
-        return self.dataset.report
-
-    def prompt(self, ex) -> str:
-        return self.dataset.prompt(ex)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Pass the epoch on to an augmented dataset underneath (`common.augment`)."""
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-
-class SubsetView(_DatasetView):
+class SubsetView(DatasetView):
     """The entries `indices` of a dataset (any of the views here), renumbered: item `i` is the wrapped dataset's
     item `indices[i]` with `index` = i. Feature and encoder stores stay those of the whole split."""
 
@@ -170,7 +140,7 @@ class SubsetView(_DatasetView):
         return item
 
 
-class StoredFeatureDataset(_DatasetView):
+class StoredFeatureDataset(DatasetView):
     """An `AudioTextDataset` whose features come from a feature store instead of the audio files.
 
     Items are the same dicts (`mel`, `fbank`, `text`, `task`, `prompt`, `path`, `duration`, `index`), with
@@ -253,7 +223,7 @@ def build_encoder_store(dataset, encode: Callable[[dict], dict[str, list[torch.T
     tmp.replace(path)
 
 
-class EncoderOutputDataset(_DatasetView):
+class EncoderOutputDataset(DatasetView):
     """A dataset whose items also carry cached encoder outputs of their clip (`[frames, dim]` float32 per key).
 
     Everything else (`examples`, `durations`, `report`, `prompt`, items' features and texts) is the wrapped
