@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from common.config import added_option
 from common.hub import local_folder
 from teacher.beats import BEATs, BEATsConfig
 from teacher.qformer import QFormerConfig, WindowQFormer
@@ -45,7 +46,7 @@ class WhisperEncoderConfig:
     pad_to_longest: bool = False
     """Run the encoder only up to the longest clip of each batch instead of the full chunk. Only for encoders
     trained that way (the toy teacher); a pretrained Whisper expects its full 30 s."""
-    per_clip: bool = False
+    per_clip: bool = added_option(False)
     """Run the encoder on each clip cut to its own audio, with no padding (overrides `pad_to_longest`): a clip's
     outputs then do not depend on its batch, so a frozen encoder's can be stored once (`encoder_store`), and no
     work goes into padding. For a pretrained Whisper over short clips (the quick preset's teacher): Whisper was

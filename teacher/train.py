@@ -28,7 +28,7 @@ from torch import nn
 from common.augment import with_augmentation
 from common.bpe import train_bpe
 from common.cli import run
-from common.config import config_hash, mark_stage_done, parse_cli, save_resolved, stage_is_current
+from common.config import added_option, config_hash, mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler, scan_split
 from common.feature_store import with_encoder_outputs, with_feature_store
 from common.features import FeatureConfig
@@ -135,7 +135,7 @@ class JobConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     ctc: CTCConfig = field(default_factory=CTCConfig)
     beats_pretrain: BeatsTaggingConfig = field(default_factory=BeatsTaggingConfig)
-    lm_pretrain: LMPretrainConfig = field(default_factory=LMPretrainConfig)
+    lm_pretrain: LMPretrainConfig = added_option(LMPretrainConfig())
     align: AlignConfig = field(default_factory=AlignConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     relearn: RelearnConfig = field(default_factory=RelearnConfig)

@@ -290,7 +290,7 @@ def align_audio_tokens(cfg: JobConfig, model: Salmonn, train, valid, out_dir: Pa
     return aligner
 
 
-@dataclass
+@dataclass(frozen=True)  # frozen: a shared default instance (`added_option`)
 class LMPretrainConfig:
     steps: int = 0
     """Before SALMONN training, train the LLM alone for this many steps (0 = off) as a language model of the training
