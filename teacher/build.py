@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from common.config import added_option
 from common.hub import local_folder
 from teacher.beats import BEATs, BEATsConfig
 from teacher.qformer import QFormerConfig, WindowQFormer
@@ -45,6 +46,11 @@ class WhisperEncoderConfig:
     pad_to_longest: bool = False
     """Run the encoder only up to the longest clip of each batch instead of the full chunk. Only for encoders
     trained that way (the toy teacher); a pretrained Whisper expects its full 30 s."""
+    per_clip: bool = added_option(False)
+    """Run the encoder on each clip cut to its own audio, with no padding (overrides `pad_to_longest`): a clip's
+    outputs then do not depend on its batch, so a frozen encoder's can be stored once (`encoder_store`), and no
+    work goes into padding. For a pretrained Whisper over short clips (the quick preset's teacher): Whisper was
+    trained on 30 s windows, mostly padding for short utterances, and hears a clip alone as well."""
     freeze: bool = True
 
 
@@ -301,7 +307,7 @@ def build_salmonn(cfg: SalmonnConfig, load_checkpoint: bool = True):
     if cfg.lora.enabled:
         llm = apply_lora(llm, cfg.lora)
     model = Salmonn(whisper, beats, qformer, llm, tokenizer, cfg.prompt, pad_to_longest=cfg.whisper.pad_to_longest,
-                    beats_padding=cfg.beats.padding_features)
+                    beats_padding=cfg.beats.padding_features, whisper_per_clip=cfg.whisper.per_clip)
     set_trainable(model, cfg)
     report = None
     if cfg.checkpoint and load_checkpoint:

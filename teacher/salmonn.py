@@ -170,13 +170,16 @@ class Salmonn(AudioLanguageModel):
         llm: a causal LM (possibly a peft model) with `get_input_embeddings()`.
         tokenizer: the LLM's tokenizer with bos, eos and pad tokens.
         pad_to_longest: run Whisper only up to the batch's longest clip (models trained that way).
+        whisper_per_clip: run Whisper on each clip cut to its own audio (no padding at all), outputs zero-padded to
+            the batch's longest clip: a clip's features do not depend on its batch (so they can be cached), and a
+            pretrained Whisper spends no work on padding. Overrides `pad_to_longest`.
         beats_padding: what BEATs' outputs at padded tokens hold when they enter `ln_audio` ("official": as BEATs
             computed them; "zero": zeros), see `BEATS_PADDING`.
     """
 
     def __init__(self, speech_encoder: nn.Module, audio_encoder: nn.Module | None, qformer: WindowQFormer,
                  llm: nn.Module, tokenizer, prompt: PromptConfig | None = None, pad_to_longest: bool = False,
-                 beats_padding: BeatsPadding = "official"):
+                 beats_padding: BeatsPadding = "official", whisper_per_clip: bool = False):
         super().__init__()
         if beats_padding not in BEATS_PADDING:
             raise ValueError(f"beats.padding_features: {beats_padding!r} is not one of {BEATS_PADDING}")
@@ -184,6 +187,7 @@ class Salmonn(AudioLanguageModel):
             raise ValueError("qformer.trim_to_audio needs beats.padding_features: zero (a clip's BEATs outputs must "
                              "not depend on its batch, and cached per-clip outputs are zero-padded)")
         self.pad_to_longest = pad_to_longest
+        self.whisper_per_clip = whisper_per_clip
         self.beats_padding = beats_padding
         self.speech_encoder = speech_encoder
         self.ln_speech = nn.LayerNorm(speech_encoder.config.d_model)
@@ -242,13 +246,27 @@ class Salmonn(AudioLanguageModel):
         With `trim_to_audio`, frames past each clip's audio are zeroed and the batch is cut to its longest clip.
         """
         dtype = next(self.speech_encoder.parameters()).dtype
-        mel = crop_mel(batch) if self.pad_to_longest else batch["mel"]
-        speech = run_whisper_encoder(self.speech_encoder, mel.to(dtype))
+        if self.whisper_per_clip:
+            speech = self.whisper_per_clip_outputs(batch, dtype)
+        else:
+            mel = crop_mel(batch) if self.pad_to_longest else batch["mel"]
+            speech = run_whisper_encoder(self.speech_encoder, mel.to(dtype))
         if not self.trim_to_audio:
             return speech
         lengths = speech_frames(batch).to(speech.device).clamp(max=speech.shape[1])
         padding = torch.arange(speech.shape[1], device=speech.device)[None] >= lengths[:, None]
         return speech.masked_fill(padding.unsqueeze(-1), 0.0)[:, : int(lengths.max())]
+
+    def whisper_per_clip_outputs(self, batch: dict, dtype: torch.dtype) -> torch.Tensor:
+        """Whisper over each clip's own mel frames (rounded up to even), `[batch, longest clip's frames / 2, d]`,
+        zero past each clip's audio. Clips of the same length run as one batch (the same computation)."""
+        mel, frames = batch["mel"], batch["mel_frames"].tolist()
+        lengths = [min(f + f % 2, mel.shape[-1]) for f in frames]
+        out = mel.new_zeros(mel.shape[0], max(lengths) // 2, self.speech_encoder.config.d_model, dtype=dtype)
+        for length in sorted(set(lengths)):
+            rows = [i for i, n in enumerate(lengths) if n == length]
+            out[rows, : length // 2] = run_whisper_encoder(self.speech_encoder, mel[rows, :, :length].to(dtype))
+        return out
 
     def encode_beats(self, batch: dict) -> torch.Tensor:
         """BEATs features `[batch, tokens, d_beats]` of the batch's fbank.
@@ -276,10 +294,11 @@ class Salmonn(AudioLanguageModel):
     def cacheable_encoders(self) -> list[str]:
         """Batch keys (`speech_encoder_out`, `audio_encoder_out`) of the encoders whose outputs can be computed
         once per clip and cached: frozen (no trainable parameter) and with an output for a clip that does not
-        depend on the rest of its batch (Whisper unless `pad_to_longest`; BEATs only with `trim_to_audio`)."""
+        depend on the rest of its batch (Whisper with `whisper_per_clip` or without `pad_to_longest`; BEATs only with
+        `trim_to_audio`)."""
         frozen = lambda module: not any(p.requires_grad for p in module.parameters())
         keys = []
-        if frozen(self.speech_encoder) and not self.pad_to_longest:
+        if frozen(self.speech_encoder) and (self.whisper_per_clip or not self.pad_to_longest):
             keys.append(SPEECH_OUT)
         if self.audio_encoder is not None and frozen(self.audio_encoder) and self.trim_to_audio:
             keys.append(AUDIO_OUT)
@@ -308,7 +327,8 @@ class Salmonn(AudioLanguageModel):
         """Hash of what the cached outputs of `keys` depend on: those encoders' weights and the output rules."""
         import hashlib
 
-        h = hashlib.sha256(repr((sorted(keys), self.trim_to_audio, self.pad_to_longest, self.beats_padding)).encode())
+        h = hashlib.sha256(repr((sorted(keys), self.trim_to_audio, self.pad_to_longest, self.beats_padding)
+                                  + ((True,) if self.whisper_per_clip else ())).encode())
         for key, module in ((SPEECH_OUT, self.speech_encoder), (AUDIO_OUT, self.audio_encoder)):
             if key in keys:
                 for name, tensor in sorted(module.state_dict().items()):

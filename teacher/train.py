@@ -28,7 +28,7 @@ from torch import nn
 from common.augment import with_augmentation
 from common.bpe import train_bpe
 from common.cli import run
-from common.config import config_hash, mark_stage_done, parse_cli, save_resolved, stage_is_current
+from common.config import added_option, config_hash, mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler, scan_split
 from common.feature_store import with_encoder_outputs, with_feature_store
 from common.features import FeatureConfig
@@ -39,7 +39,14 @@ from teacher.build import SalmonnConfig, apply_lora, build_llm, build_salmonn
 from teacher.checkpoint import save_model_folder
 from teacher.qformer import num_windows
 from teacher.salmonn import SPEECH_OUT, Salmonn, crop_mel, run_whisper_encoder
-from teacher.train_aids import AlignConfig, BeatsTaggingConfig, align_audio_tokens, pretrain_beats
+from teacher.train_aids import (
+    AlignConfig,
+    BeatsTaggingConfig,
+    LMPretrainConfig,
+    align_audio_tokens,
+    pretrain_beats,
+    pretrain_llm,
+)
 
 
 @dataclass
@@ -128,6 +135,7 @@ class JobConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     ctc: CTCConfig = field(default_factory=CTCConfig)
     beats_pretrain: BeatsTaggingConfig = field(default_factory=BeatsTaggingConfig)
+    lm_pretrain: LMPretrainConfig = added_option(LMPretrainConfig())
     align: AlignConfig = field(default_factory=AlignConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     relearn: RelearnConfig = field(default_factory=RelearnConfig)
@@ -241,8 +249,9 @@ class EncoderCTC(nn.Module):
 
 
 LATER_SECTIONS = {
-    "encoder_pretrain": ("beats_pretrain", "align", "finetune", "relearn"),
-    "beats_pretrain": ("align", "finetune", "relearn"),
+    "encoder_pretrain": ("beats_pretrain", "lm_pretrain", "align", "finetune", "relearn"),
+    "beats_pretrain": ("lm_pretrain", "align", "finetune", "relearn"),
+    "lm_pretrain": ("align", "finetune", "relearn"),
     "align": ("finetune", "relearn"),
     "salmonn": ("finetune", "relearn"),
     "finetune": ("relearn",),
@@ -281,7 +290,8 @@ def with_cached_encoders(model: Salmonn, dataset, features: FeatureConfig, store
     keys = model.cacheable_encoders()
     if not keys:
         raise SystemExit("config error: encoder_store is set but no encoder's outputs can be cached: freeze an encoder "
-                         "(model.whisper.freeze, model.beats.freeze); Whisper also needs whisper.pad_to_longest: false "
+                         "(model.whisper.freeze, model.beats.freeze); Whisper also needs whisper.per_clip: true or "
+                         "whisper.pad_to_longest: false "
                          "and BEATs model.qformer.trim_to_audio: true (otherwise a clip's output depends on its batch)")
     model.eval()
     device = next(model.parameters()).device
@@ -375,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             trainer.cfg = dataclasses.replace(cfg.ctc, weight=0.0)
     if cfg.beats_pretrain.steps:
         pretrain_beats(cfg, model, train, valid, out_dir, phase_key(cfg, "beats_pretrain"))
+    if cfg.lm_pretrain.steps:
+        pretrain_llm(cfg, model, train, valid, out_dir, phase_key(cfg, "lm_pretrain"))
     if cfg.encoder_store:
         train = with_cached_encoders(model, train, cfg.features, cfg.encoder_store, "train")
         if SPEECH_OUT in model.cacheable_encoders() and trainer.cfg.weight:

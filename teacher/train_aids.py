@@ -288,3 +288,113 @@ def align_audio_tokens(cfg: JobConfig, model: Salmonn, train, valid, out_dir: Pa
                   f"(most frequent tokens: {chance:.3f})")
     model.train()
     return aligner
+
+
+@dataclass(frozen=True)  # frozen: a shared default instance (`added_option`)
+class LMPretrainConfig:
+    steps: int = 0
+    """Before SALMONN training, train the LLM alone for this many steps (0 = off) as a language model of the training
+    split's targets behind their prompts, with no audio tokens: `[BOS, prompt before, prompt after, target, end]`,
+    loss on the target and its end token. A stand-in for the pretrained Vicuna SALMONN starts from: an LLM that
+    already knows the benchmark's language, so that in SALMONN training the only way left to lower the loss is
+    through the audio tokens (a fresh LLM learns the answers' language first and then ignores the audio). The LLM's
+    own head is the LM head: nothing is added to the model. After it, `model.lora` / `model.llm.freeze` say what of
+    the LLM trains on. An LLM from `model.llm.path` already knows a language; this phase is for fresh ones."""
+    lr: float = 1.0e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    batch_size: int = 64
+    eval_texts: int = 500
+    """Valid targets (at most) on which the LM loss is reported before and after."""
+
+
+class TextTargets(torch.utils.data.Dataset):
+    """The (prompt, target text) pairs of a scanned split, without audio: items `{"text", "prompt"}`."""
+
+    def __init__(self, dataset, limit: int = 0):
+        examples = dataset.examples[:limit] if limit else dataset.examples
+        self.items = [{"text": ex.text, "prompt": dataset.prompt(ex)} for ex in examples]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+class TextCollator:
+    """Batches of `TextTargets` items: `prompts`, `texts`, `target_ids` and `labels` as `AudioTextCollator` makes."""
+
+    def __init__(self, tokenizer):
+        self.targets = AudioTextCollator(tokenizer)
+
+    def __call__(self, items: list[dict]) -> dict:
+        texts = [it["text"] for it in items]
+        target_ids, labels = self.targets.tokenize_targets(texts)
+        return {"prompts": [it["prompt"] for it in items], "texts": texts, "target_ids": target_ids, "labels": labels}
+
+
+class PromptedLM(nn.Module):
+    """A SALMONN's LLM as a language model of targets behind their prompts, with zero audio tokens."""
+
+    def __init__(self, model: Salmonn):
+        super().__init__()
+        self.llm = model.llm  # the only module here, so the only parameters `fit` trains and checkpoints
+        self._owner = [model]  # for the prompt wrapping, outside the module tree
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        model = self._owner[0]
+        embed = self.llm.get_input_embeddings()
+        no_audio = embed.weight.new_zeros(len(batch["prompts"]), 0, embed.weight.shape[1])
+        inputs, mask, labels = model.wrap(no_audio, batch["prompts"], batch["target_ids"], batch["labels"])
+        logits = self.llm(inputs_embeds=inputs, attention_mask=mask).logits
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+        return {"loss": loss}
+
+
+@torch.no_grad()
+def lm_loss(lm: PromptedLM, texts: TextTargets, batch_size: int) -> float:
+    """Mean per-token cross-entropy (nats) of `lm` on the targets of `texts`."""
+    lm.eval()
+    collate = TextCollator(lm._owner[0].tokenizer)
+    total, tokens = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        batch = collate([texts[i] for i in range(start, min(len(texts), start + batch_size))])
+        n = int((batch["labels"] != -100).sum())
+        total += float(lm(batch)["loss"]) * n
+        tokens += n
+    lm.train()
+    return total / max(1, tokens)
+
+
+def pretrain_llm(cfg: JobConfig, model: Salmonn, train, valid, out_dir: Path, run_key: str) -> dict[str, float]:
+    """Train the LLM's base weights alone as a prompted LM of the training targets (checkpointed and resumable), then
+    restore which LLM parameters train (LoRA adapters, or the base as `model.llm.freeze` says). Returns the valid LM
+    loss before and after (`{"lm_loss_before", "lm_loss_after"}`, nats per token)."""
+    p = cfg.lm_pretrain
+    texts = TextTargets(train)
+    if not len(texts):
+        raise SystemExit("config error: lm_pretrain.steps > 0 but the training data has no targets")
+    trainable = {name: param.requires_grad for name, param in model.llm.named_parameters()}
+    for name, param in model.llm.named_parameters():
+        param.requires_grad_("lora_" not in name)  # the base weights; LoRA adapters stay as built (B = 0: no effect)
+    lm = PromptedLM(model)
+    valid_texts = TextTargets(valid, p.eval_texts)
+    before = lm_loss(lm, valid_texts, p.batch_size) if len(valid_texts) else float("nan")
+    print(f"LLM pretraining: {len(texts)} training targets, {p.steps} steps; valid LM loss {before:.3f} nats/token")
+    sampler = DurationBucketSampler([len(it["text"]) for it in texts.items], p.batch_size,
+                                    cfg.data.bucket_pool_batches, seed=cfg.loop.seed)
+    loop = dataclasses.replace(cfg.loop, max_steps=p.steps, batch_size=p.batch_size, eval_every=10**9,
+                               best_metric="")
+    optim = dataclasses.replace(cfg.optim, lr=p.lr, min_lr_ratio=p.min_lr_ratio, warmup_steps=p.warmup_steps)
+    with MetricLogger(Path(cfg.log_dir) / "lm_pretrain", stdout_every=5, owner=out_dir / "lm_pretrain") as logger:
+        fit(lm, texts, sampler, TextCollator(model.tokenizer), lambda m, batch: m(batch), loop, optim,
+            out_dir / "lm_pretrain", logger, run_key=run_key)
+        after = lm_loss(lm, valid_texts, p.batch_size) if len(valid_texts) else float("nan")
+        logger.log(p.steps, {"eval/lm_loss_before": before, "eval/lm_loss": after})
+    print(f"LLM pretraining done: valid LM loss {before:.3f} → {after:.3f} nats/token")
+    for name, param in model.llm.named_parameters():
+        param.requires_grad_(trainable[name])
+    model.train()
+    return {"lm_loss_before": before, "lm_loss_after": after}

@@ -3,8 +3,9 @@
 - `trim_to_audio` makes a clip's encoder outputs independent of its batch, so cached outputs give exactly the loss
   and Q-Former outputs of running the frozen encoders;
 - the LM head over the target window only gives the same loss;
-- `teacher.train` with BEATs tagging pretraining and an encoder store: BEATs changes, the frozen Whisper does not,
-  and `teacher.cache` reuses the store the training wrote;
+- `whisper.per_clip` runs Whisper on each clip alone, so its outputs can be cached;
+- `teacher.train` with BEATs tagging and LLM pretraining and an encoder store: BEATs and the LLM's base change, the
+  frozen Whisper does not, and `teacher.cache` reuses the store the training wrote;
 - `data.max_clips_per_task` keeps the first clips of each task with all their captions.
 """
 
@@ -21,7 +22,7 @@ from tiny_salmonn import write_official_layout
 from common.dataset import ENCODER_OUTPUTS, AudioTextCollator, AudioTextDataset, DataConfig
 from common.feature_store import with_encoder_outputs
 from common.features import FeatureConfig
-from teacher.build import build_salmonn
+from teacher.build import build_salmonn, read_hf_weights
 from teacher.checkpoint import load_model_folder
 from teacher.salmonn import AUDIO_OUT, SPEECH_OUT, shift_for_next_token
 from teacher.train_aids import average_precision, caption_tags
@@ -89,6 +90,33 @@ def test_a_clips_encoder_outputs_do_not_depend_on_its_batch(setup):
     # Past the clip's audio the joined frames are the layer norms' biases (of zeros), in any batch.
     expected = torch.cat([model.ln_speech.bias, model.ln_audio.bias])
     torch.testing.assert_close(joined[0, 40:], expected.expand(55, -1))
+
+
+def test_whisper_per_clip_runs_each_clip_alone_and_can_be_cached(setup):
+    """`whisper.per_clip`: each clip's Whisper outputs are the encoder over its own mel frames only (no padding), the
+    same in any batch, zero-padded to the batch's longest clip; so a frozen one is cached even with pad_to_longest."""
+    from teacher.salmonn import whisper_any_length
+
+    root, cfg = setup
+    model = trimmed(dataclasses.replace(cfg, whisper=dataclasses.replace(cfg.whisper, per_clip=True,
+                                                                         pad_to_longest=True)))
+    assert model.whisper_per_clip and model.cacheable_encoders() == [SPEECH_OUT, AUDIO_OUT]
+    ds = dataset(root)
+    collate = AudioTextCollator()
+    with torch.no_grad():
+        batch = collate([ds[0], ds[2], ds[1]])
+        speech = model.encode_speech(batch)
+        # Written out: the encoder over the clip's own 73 / 190 / 131 mel frames (rounded up to even), alone.
+        own = [whisper_any_length(model.speech_encoder, ds[i]["mel"][None, :, : n + n % 2])[0]
+               for i, n in ((0, 73), (2, 190), (1, 131))]
+    assert speech.shape == (3, 95, 32)
+    for row, expected in enumerate(own):
+        torch.testing.assert_close(speech[row, : len(expected)], expected, atol=1e-5, rtol=1e-5)
+        assert not speech[row, len(expected):].any()
+    # Not what the whole-chunk encoder gives: per_clip changes the features (so it is saved with the model).
+    with torch.no_grad():
+        chunk = trimmed(cfg).encode_speech(batch)
+    assert not torch.allclose(chunk[0, :37], speech[0, :37], atol=1e-3)
 
 
 def test_cached_outputs_give_the_loss_of_the_frozen_encoders(setup, tmp_path):
@@ -190,7 +218,7 @@ def test_teacher_recipe_pretrains_beats_caches_encoders_and_the_cache_job_reuses
     official = root / "official"
     config = {
         "job": "teacher.train",
-        "model": {"whisper": {"path": str(official / "whisper"), "freeze": True},
+        "model": {"whisper": {"path": str(official / "whisper"), "freeze": True, "per_clip": True},
                   "beats": {"path": str(official / "beats.pt"), "freeze": True, "padding_features": "zero"},
                   "qformer": {**dataclasses.asdict(cfg.qformer), "trim_to_audio": True},
                   "llm": {"path": str(official / "llm"), "freeze": True},
@@ -200,6 +228,7 @@ def test_teacher_recipe_pretrains_beats_caches_encoders_and_the_cache_job_reuses
         "feature_store": str(tmp_path / "features"),
         "encoder_store": str(tmp_path / "encoders"),
         "beats_pretrain": {"steps": 3, "batch_size": 2, "min_clips": 2, "warmup_steps": 1},
+        "lm_pretrain": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
         "loop": {"max_steps": 2, "batch_size": 3, "log_every": 1, "eval_every": 100, "save_every": 100},
         "optim": {"lr": 1.0e-3, "warmup_steps": 1},
         "validation": {"max_clips_per_task": 2, "max_new_tokens": 3},
@@ -214,6 +243,11 @@ def test_teacher_recipe_pretrains_beats_caches_encoders_and_the_cache_job_reuses
     saved = teacher.audio_encoder.state_dict()
     assert not torch.equal(saved["encoder.layers.0.fc1.weight"], original["encoder.layers.0.fc1.weight"])
     assert "head.weight" not in saved and teacher.audio_encoder.predictor is None  # the tagging head is dropped
+    assert teacher.whisper_per_clip  # saved with the model (salmonn.yaml)
+    official_llm = read_hf_weights(official / "llm")
+    saved_llm = teacher.llm.get_base_model().state_dict()
+    assert not torch.equal(saved_llm["model.layers.0.mlp.up_proj.weight"],
+                           official_llm["model.layers.0.mlp.up_proj.weight"])  # lm_pretrain trained the base
     whisper = build_salmonn(dataclasses.replace(cfg, checkpoint=""))[0].speech_encoder.state_dict()
     assert all(torch.equal(v, whisper[k]) for k, v in teacher.speech_encoder.state_dict().items())  # frozen
     stores = sorted((tmp_path / "encoders").glob("train-*.safetensors"))

@@ -84,3 +84,31 @@ def test_student_from_teacher_and_roundtrip(teacher_folder, tmp_path):
         a, _ = student.prefill(tokens, batch["prompts"])
         b, _ = again.prefill(tokens, batch["prompts"])
         torch.testing.assert_close(a, b)
+
+
+def test_student_of_a_per_clip_teacher_reads_each_clip_alone_unless_told_otherwise(tmp_path):
+    """A teacher whose Whisper runs on each clip alone (`whisper.per_clip`, the quick preset's) gives a student that
+    does the same, saved with it; `whisper_pad_to_longest` set explicitly overrides it."""
+    import dataclasses
+
+    import yaml
+    from tiny_salmonn import write_official_layout
+
+    from teacher.build import build_salmonn
+    from teacher.checkpoint import read_model_config, save_model_folder
+
+    cfg = write_official_layout(tmp_path / "official")
+    cfg = dataclasses.replace(cfg, whisper=dataclasses.replace(cfg.whisper, per_clip=True))
+    model, _ = build_salmonn(cfg)
+    save_model_folder(model, cfg, tmp_path / "teacher")
+    assert read_model_config(tmp_path / "teacher").whisper.per_clip
+    student_config = student_cfg(tmp_path)
+    ensure_student_tokenizer(student_config, TEXTS)
+    student, salmonn_cfg = build_student(student_config, tmp_path / "teacher")
+    assert student.whisper_per_clip and salmonn_cfg.whisper.per_clip
+    save_student_folder(student, salmonn_cfg, tmp_path / "student")
+    assert yaml.safe_load((tmp_path / "student" / "salmonn.yaml").read_text())["whisper"]["per_clip"] is True
+    assert load_student_folder(tmp_path / "student").whisper_per_clip
+    padded = dataclasses.replace(student_config, whisper_pad_to_longest=True)
+    student, salmonn_cfg = build_student(padded, tmp_path / "teacher")
+    assert not student.whisper_per_clip and student.pad_to_longest and not salmonn_cfg.whisper.per_clip

@@ -111,3 +111,67 @@ def test_relearn_starts_a_fresh_llm_and_projection_and_keeps_the_audio_path(tmp_
     first = {k: v.clone() for k, v in model.state_dict().items()}
     fresh_llm_and_projection(model, cfg, seed=3)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in first.items())
+
+
+class _TextSplit:
+    """A scanned split's stand-in for the LM pretraining: examples with text, task and prompt."""
+
+    def __init__(self, texts: list[str]):
+        from types import SimpleNamespace
+
+        self.examples = [SimpleNamespace(text=t, task="asr", prompt="", path=f"{i}.wav") for i, t in enumerate(texts)]
+
+    def prompt(self, ex) -> str:
+        return "Recognize the speech."
+
+
+def test_lm_pretraining_lowers_the_prompted_lm_loss_and_leaves_only_the_llm_base_changed(tmp_path):
+    """The phase trains the LLM's base weights as an LM of targets behind their prompts (no audio tokens), leaves
+    the LoRA adapters and the audio path as they were and restores what trains; the saved teacher then carries
+    the pretrained base weights and nothing of the phase (no extra tensors)."""
+    from teacher.checkpoint import load_model_folder, salmonn_state_dict, save_model_folder
+    from teacher.train import JobConfig
+    from teacher.train_aids import LMPretrainConfig, PromptedLM, TextTargets, lm_loss, pretrain_llm
+
+    torch.manual_seed(0)
+    cfg = write_official_layout(tmp_path / "official")
+    model, _ = build_salmonn(cfg)
+    texts = ["the cat sat on the mat", "the dog runs", "hello world", "the cat runs on the mat"]
+    train = _TextSplit(texts)
+    job = JobConfig(lm_pretrain=LMPretrainConfig(steps=40, lr=1.0e-2, warmup_steps=2, batch_size=4),
+                    output_dir=str(tmp_path / "teacher"), log_dir=str(tmp_path / "runs"))
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    llm_before = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    rest_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("llm.")}
+    glue_keys = set(salmonn_state_dict(model))
+
+    # The loss by hand: the LLM over [BOS, prompt before, prompt after, target, end], scored on target and end.
+    lm = PromptedLM(model).eval()
+    collate_texts = TextTargets(train)
+    from teacher.train_aids import TextCollator
+
+    batch = TextCollator(model.tokenizer)([collate_texts[0]])
+    before, after = model.prompt_ids("Recognize the speech.")
+    target = model.tokenizer(texts[0], add_special_tokens=False)["input_ids"] + [model.tokenizer.eos_token_id]
+    ids = torch.tensor([before + after + target])
+    with torch.no_grad():
+        logits = model.llm(input_ids=ids).logits[0, len(before) + len(after) - 1 : -1]
+        expected = F.cross_entropy(logits, torch.tensor(target))
+        torch.testing.assert_close(lm(batch)["loss"], expected, atol=1e-5, rtol=1e-5)
+
+    scores = pretrain_llm(job, model, train, train, tmp_path / "teacher", run_key="lm")
+    # 40 steps at lr 1e-2 on 4 sentences of a 120-token vocabulary: from near-uniform (ln 120 ≈ 4.8 nats) to well
+    # under half of it; a loss that merely did not rise would not pass.
+    assert scores["lm_loss_after"] < 0.5 * scores["lm_loss_before"]
+    assert abs(lm_loss(PromptedLM(model), TextTargets(train), 4) - scores["lm_loss_after"]) < 1e-5
+    assert {k for k, p in model.named_parameters() if p.requires_grad} == trainable  # LoRA (and glue) train again
+    changed = {k for k, v in model.llm.state_dict().items() if not torch.equal(v, llm_before[k])}
+    assert changed and all("lora_" not in k for k in changed)  # the base learned; the adapters did not move
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in rest_before.items())  # the audio path untouched
+
+    save_model_folder(model, cfg, tmp_path / "saved")
+    assert set(salmonn_state_dict(model)) == glue_keys  # no tensor of the phase in salmonn.pth
+    loaded = load_model_folder(tmp_path / "saved")
+    base = model.llm.get_base_model().state_dict()
+    for k, v in loaded.llm.get_base_model().state_dict().items():
+        torch.testing.assert_close(v, base[k])  # the pretrained base is what the folder holds
