@@ -8,9 +8,14 @@ ablation's rows (from `python -m experiments ablation --config configs/<preset>/
 the table) and
 `outputs/<preset>/bench/token_pruning.json` (from `python -m student.token_pruning --out ...`), and writes:
 
-- `loss_<run>.png`: every loss term of a training run, one panel each, against the step;
-- `pareto.png`: WER and CIDEr-D against the parameter ratio to the teacher, every ablation row a point
-  (mean ± std over seeds), the Pareto front drawn through the rows no other row beats on both axes;
+- `loss_<run>.png`: every loss term of a training run, one panel each, against the step (the logged values faint,
+  their exponential moving average solid);
+- `eval_<run>.png`: every `eval/` metric the run logged (WER, CIDEr-D, ...) against the training step;
+- `compare.png` (with `--compare RUN RUN ...`): the runs' shared loss terms and eval metrics, every run one line on
+  the same axes (e.g. the CE-only and the KD student);
+- `pareto.png`: WER and CIDEr-D against the parameter ratio to the teacher, every ablation row a point in its own
+  colour with its name beside it (mean ± std over seeds), the Pareto front drawn through the rows no other row beats
+  on both axes;
 - `token_keep.png`: BEATs token keep ratio against caption quality (SPIDEr where it was computed, else
   CIDEr-D, as the axis says) and against BEATs latency and FLOPs ratios;
 - `pruning.png`: structured pruning ratio against WER and CIDEr-D, without and with KD recovery.
@@ -28,6 +33,7 @@ if __name__ == "__main__":  # before the imports below: quiet their known third-
 import argparse
 import csv
 import json
+import math
 import shlex
 from pathlib import Path
 
@@ -66,37 +72,139 @@ def latest_run(records: list[dict]) -> list[dict]:
     return kept
 
 
-def loss_terms(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
-    """`train/<term>` series of a run (steps, values), leaving out what is not a loss (lr, grad norm, ...)."""
+def scalar_series(records: list[dict], prefix: str, leave_out=()) -> dict[str, tuple[list[int], list[float]]]:
+    """`<prefix><name>` series of a run's latest records as {name: (steps, values)}, without the names in
+    `leave_out` and without missing values."""
     series: dict[str, tuple[list[int], list[float]]] = {}
     for record in latest_run(records):
         for key, value in record.items():
-            if not key.startswith("train/") or key.split("/", 1)[1] in NOT_LOSSES or value is None:
+            if not key.startswith(prefix) or key[len(prefix):] in leave_out or value is None:
                 continue
-            steps, values = series.setdefault(key.split("/", 1)[1], ([], []))
+            steps, values = series.setdefault(key[len(prefix):], ([], []))
             steps.append(record["step"])
             values.append(float(value))
     return series
 
 
-def plot_losses(run_dir: Path, out: Path) -> Path | None:
-    series = loss_terms(read_metrics(run_dir))
+def loss_terms(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """`train/<term>` series of a run (steps, values), leaving out what is not a loss (lr, grad norm, ...)."""
+    return scalar_series(records, "train/", NOT_LOSSES)
+
+
+def eval_metrics(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """`eval/<metric>` series of a run (steps, values): what the training job scored on its valid clips."""
+    return scalar_series(records, "eval/")
+
+
+def ema(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average of a curve, debiased as TensorBoard's smoothing slider is: point i is
+    Σ_j≤i w^(i−j)·v_j / Σ_j≤i w^(i−j), so the first point is the first value, not pulled towards 0.
+    `weight` in [0, 1): 0 returns the values; 0.9 averages over about the last 10 points. Non-finite values
+    (a NaN loss) are passed through and left out of the average."""
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"ema: weight must be in [0, 1), got {weight}")
+    out, total, norm = [], 0.0, 0.0
+    for value in values:
+        if not math.isfinite(value):
+            out.append(value)
+            continue
+        total = weight * total + value
+        norm = weight * norm + 1.0
+        out.append(total / norm)
+    return out
+
+
+def smoothing_weight(n_points: int) -> float:
+    """An EMA weight for a curve of n points: none under 20 points, else a window of about n/30 points (≥ 0.6)."""
+    if n_points < 20:
+        return 0.0
+    return min(0.98, max(0.6, 1.0 - 30.0 / n_points))
+
+
+def plot_curve(ax, steps: list[int], values: list[float], color=None, label: str | None = None) -> None:
+    """A training curve as the logged values, faint, under their EMA, solid. Short curves keep their markers."""
+    weight = smoothing_weight(len(values))
+    if weight == 0.0:
+        ax.plot(steps, values, lw=1.2, marker="o", ms=3, color=color, label=label)
+        return
+    (raw,) = ax.plot(steps, values, lw=0.8, alpha=0.25, color=color)
+    ax.plot(steps, ema(values, weight), lw=1.5, color=raw.get_color(), label=label)
+
+
+def log_scale_if_wide(ax, values: list[float]) -> None:
+    finite = [v for v in values if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) / max(min(finite), 1e-12) > 20:
+        ax.set_yscale("log")
+
+
+def panel_grid(n: int, width: float = 4.2, height: float = 3.0):
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:n]
+
+
+def plot_series(series: dict[str, tuple[list[int], list[float]]], kind: str, title: str, path: Path) -> Path | None:
+    """One panel per series against the step; `kind` ("loss", "eval") names the y axes."""
     if not series:
         return None
-    cols = min(3, len(series))
-    rows = (len(series) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, (term, (steps, values)) in zip(axes.flat, sorted(series.items()), strict=False):
-        ax.plot(steps, values, lw=1.2, marker="o" if len(steps) < 20 else None, ms=3)
-        ax.set_title(term)
-        ax.set_xlabel("step")
-        if min(values) > 0 and max(values) / max(min(values), 1e-12) > 20:
-            ax.set_yscale("log")
+    fig, axes = panel_grid(len(series))
+    for ax, (name, (steps, values)) in zip(axes, sorted(series.items()), strict=True):
+        plot_curve(ax, steps, values)
+        ax.set_title(name)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{name} ({kind})" if kind == "loss" else name)
+        log_scale_if_wide(ax, values)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(series):]:
-        ax.axis("off")
-    fig.suptitle(f"loss terms: {run_dir}")
-    return _save(fig, out / f"loss_{'_'.join(run_dir.parts[-2:])}.png")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def run_name(run_dir: Path) -> str:
+    return "_".join(run_dir.parts[-2:])
+
+
+def plot_losses(run_dir: Path, out: Path) -> Path | None:
+    series = loss_terms(read_metrics(run_dir))
+    note = ", faint: as logged, solid: EMA" if any(smoothing_weight(len(v)) for _, v in series.values()) else ""
+    return plot_series(series, "loss", f"loss terms: {run_dir}{note}", out / f"loss_{run_name(run_dir)}.png")
+
+
+def plot_eval(run_dir: Path, out: Path) -> Path | None:
+    """The run's eval metrics over its training steps (each logged point is one evaluation)."""
+    series = eval_metrics(read_metrics(run_dir))
+    title = f"eval metrics during training: {run_dir}"
+    return plot_series(series, "eval", title, out / f"eval_{run_name(run_dir)}.png")
+
+
+def plot_compare(run_dirs: list[Path], out: Path) -> Path | None:
+    """The loss terms and eval metrics that at least two of the runs logged, every run one line on shared axes,
+    e.g. the CE-only and the KD student of a preset (a run's name is its last two folder names)."""
+    runs = {run_name(d): read_metrics(d) for d in run_dirs}
+    per_run = {name: {**{f"train/{k}": v for k, v in loss_terms(records).items()},
+                      **{f"eval/{k}": v for k, v in eval_metrics(records).items()}} for name, records in runs.items()}
+    shared = sorted({k for series in per_run.values() for k in series
+                     if sum(k in other for other in per_run.values()) >= 2})
+    if not shared:
+        return None
+    colors = distinct_colors(len(runs))
+    fig, axes = panel_grid(len(shared), width=4.8, height=3.4)
+    for ax, key in zip(axes, shared, strict=True):
+        everything = []
+        for color, (name, series) in zip(colors, per_run.items(), strict=True):
+            if key in series:
+                plot_curve(ax, *series[key], color=color, label=name)
+                everything += series[key][1]
+        ax.set_title(key)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(key.split("/", 1)[1])
+        log_scale_if_wide(ax, everything)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("runs compared on the same axes (faint: as logged, solid: EMA)")
+    return _save(fig, out / "compare.png")
 
 
 # A table's CSV column (`<column>_mean`, `<column>_std`) for each per-seed key of rows.json.
@@ -162,33 +270,81 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
     return front
 
 
+def distinct_colors(n: int) -> list[tuple[float, float, float, float]]:
+    """n colours, no two alike: matplotlib's tab10 / tab20 where they suffice, else n hues spread over a cyclic
+    colormap (so a 16-row table does not reuse a 10-colour cycle)."""
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    if n <= 20:
+        # tab20 holds 10 dark/light pairs; dark ones first keeps the first rows the most readable.
+        order = [*range(0, 20, 2), *range(1, 20, 2)]
+        return [plt.get_cmap("tab20")(i) for i in order[:n]]
+    return [plt.get_cmap("hsv")(i / n) for i in range(n)]
+
+
+def spread(positions: list[float], gap: float, low: float = 0.0, high: float = 1.0) -> list[float]:
+    """Label positions (axes fraction) as close as possible to `positions`, at least `gap` apart and within
+    [low, high], order kept: pushed up where they crowd, then pulled back down from the top. Where n labels do
+    not fit at `gap`, the gap shrinks to what fits."""
+    if not positions:
+        return []
+    order = sorted(range(len(positions)), key=lambda i: positions[i])
+    gap = min(gap, (high - low) / max(len(positions) - 1, 1))
+    placed = [min(max(positions[i], low), high) for i in order]
+    for k in range(1, len(placed)):
+        placed[k] = max(placed[k], placed[k - 1] + gap)
+    placed[-1] = min(placed[-1], high)
+    for k in range(len(placed) - 2, -1, -1):
+        placed[k] = min(placed[k], placed[k + 1] - gap)
+    out = [0.0] * len(positions)
+    for k, i in enumerate(order):
+        out[i] = placed[k]
+    return out
+
+
+def label_points(ax, points: list[tuple[float, float, str, tuple]], fontsize: float = 7.0) -> None:
+    """Each point's name beside it, in the point's colour, joined to it by a thin line. Points in the right third
+    of the axes get their label on their left, the others in one column right of them; each column is spread
+    vertically so that no two labels overlap."""
+    ax.get_xlim(), ax.get_ylim()  # settle the autoscaled limits that transData below depends on
+    to_axes = ax.transAxes.inverted()
+    located = []
+    for x, y, name, color in points:
+        ax_x, ax_y = to_axes.transform(ax.transData.transform((x, y)))
+        located.append((ax_x, ax_y, x, y, name, color))
+    gap = fontsize * 1.35 / (ax.get_window_extent().height or 1.0)  # one text line, in axes fraction
+    for right_side in (True, False):
+        group = [p for p in located if (p[0] > 0.67) != right_side]
+        if not group:
+            continue
+        column = (max(p[0] for p in group) + 0.04) if right_side else (min(p[0] for p in group) - 0.04)
+        ys = spread([p[1] for p in group], gap, low=0.02, high=0.98)
+        for (_, _, x, y, name, color), label_y in zip(group, ys, strict=True):
+            ax.annotate(name, (x, y), xytext=(column, label_y), textcoords="axes fraction", fontsize=fontsize,
+                        color=color, ha="left" if right_side else "right", va="center",
+                        arrowprops={"arrowstyle": "-", "color": color, "lw": 0.5, "alpha": 0.6})
+
+
 def plot_pareto(rows: list[dict], out: Path) -> Path | None:
-    """Each row a numbered point (many rows share a size, so names would overlap); the key below names them."""
+    """Each row a point in its own colour and marker, its name beside it (spread so that names of rows of one
+    size do not overlap)."""
     panels = [("wer", "WER (lower is better)", False), ("cider_d", "CIDEr-D (higher is better)", True)]
     if not any(row_points(rows, "params_ratio", key) for key, _, _ in panels):
         return None
-    numbered = [(i + 1, row) for i, row in enumerate(rows) if stat(row, "params_ratio")[0] is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn = [row for row in rows if stat(row, "params_ratio")[0] is not None]
+    colors = distinct_colors(len(drawn))
     markers = "osD^v<>p"
-    handles: dict[int, tuple] = {}  # row number → (artist, key text), from the first panel that draws the row
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
     for ax, (key, label, higher) in zip(axes, panels, strict=True):
-        points = []
-        for number, row in numbered:
+        points, labelled = [], []
+        for number, row in enumerate(drawn):
             (x, _), (y, std) = stat(row, "params_ratio"), stat(row, key)
             if y is None:
                 continue
-            style = {"color": colors[(number - 1) % len(colors)], "marker": markers[(number - 1) // len(colors)
-                                                                                     % len(markers)]}
-            handle = ax.errorbar(x, y, yerr=std or 0.0, linestyle="none", capsize=3, **style)
-            handles.setdefault(number, (handle, f"{number}  {row['name']}"))
-            points.append((x, y, number))
-        # Rows of one size stack up at one x: their numbers go right of the points in three staggered columns.
-        for x, y, number in points:
-            same = sorted((p[1], p[2]) for p in points if abs(p[0] - x) < 1e-3 * x)
-            column = same.index((y, number)) % 3 if len(same) > 1 else 0
-            ax.annotate(str(number), (x, y), fontsize=7, xytext=(5 + 12 * column, -3), textcoords="offset points")
-        points = [(x, y) for x, y, _ in points]
+            ax.errorbar(x, y, yerr=std or 0.0, linestyle="none", capsize=3, color=colors[number],
+                        marker=markers[number % len(markers)])
+            points.append((x, y))
+            labelled.append((x, y, row["name"], colors[number]))
         front = pareto_front(points, higher)
         if len(front) > 1:
             ax.plot(*zip(*front, strict=True), "k--", lw=1, label="Pareto front")
@@ -203,11 +359,8 @@ def plot_pareto(rows: list[dict], out: Path) -> Path | None:
         ax.set_xlabel("parameters / teacher's (log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+        label_points(ax, labelled)  # after the limits are set: labels are placed in axes fractions
     fig.suptitle("quality against size, every ablation row (mean ± std over seeds)")
-    fig.tight_layout()
-    entries = [handles[n] for n in sorted(handles)]
-    fig.legend([h for h, _ in entries], [text for _, text in entries], loc="upper center", ncol=3, fontsize=7.5,
-               frameon=False, bbox_to_anchor=(0.5, 0.0))
     return _save(fig, out / "pareto.png")
 
 
@@ -228,6 +381,7 @@ def plot_token_keep(rows: list[dict], bench: dict | None, out: Path) -> Path | N
         ax_q.set_ylabel("SPIDEr" if metric == "spider" else "CIDEr-D (SPICE unavailable, so no SPIDEr)")
     else:
         ax_q.text(0.5, 0.5, "no ablation rows tagged keep_ratio", ha="center", transform=ax_q.transAxes)
+        ax_q.set_ylabel("caption quality")
     ax_q.set_xlabel("BEATs patch tokens kept")
     ax_q.set_title("caption quality")
     ax_q.grid(alpha=0.3)
@@ -298,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="*", help="ablation rows.json files or table CSVs, their rows drawn together "
                         "(default: outputs/<preset>/ablation/rows.json, else the table's <table_name>_rows.json)")
     parser.add_argument("--bench", help="token-pruning bench JSON (default: outputs/<preset>/bench/token_pruning.json)")
+    parser.add_argument("--compare", nargs="*", default=[], help="run folders drawn together on shared axes "
+                        "(compare.png), e.g. runs/toy/student runs/toy/student-ce")
     parser.add_argument("--out", default="paper/figures")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -309,7 +465,15 @@ def main(argv: list[str] | None = None) -> int:
         if not (run_dir / "metrics.jsonl").is_file():
             raise SystemExit(f"figures: {run_dir}/metrics.jsonl does not exist; name run folders written by a "
                              "training job (runs/<preset>/<run>/)")
-        written.append(plot_losses(run_dir, out))
+        written += [plot_losses(run_dir, out), plot_eval(run_dir, out)]
+    for run_dir in map(Path, args.compare):
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise SystemExit(f"figures: --compare {run_dir}: {run_dir}/metrics.jsonl does not exist; name run folders "
+                             "written by a training job (runs/<preset>/<run>/)")
+    if len(args.compare) == 1:
+        raise SystemExit("figures: --compare needs two or more run folders (e.g. the CE-only and the KD student)")
+    if args.compare:
+        written.append(plot_compare([Path(d) for d in args.compare], out))
     rows_paths = [Path(r) for r in args.rows] if args.rows else [default_rows(args.preset)]
     bench_path = Path(args.bench or Path("outputs", args.preset, "bench", "token_pruning.json"))
     missing = [str(r) for r in rows_paths if not r.is_file()]
