@@ -40,6 +40,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.colors as mcolors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.cli import run
@@ -320,8 +321,9 @@ def label_points(ax, points: list[tuple[float, float, str, tuple]], fontsize: fl
         column = (max(p[0] for p in group) + 0.04) if right_side else (min(p[0] for p in group) - 0.04)
         ys = spread([p[1] for p in group], gap, low=0.02, high=0.98)
         for (_, _, x, y, name, color), label_y in zip(group, ys, strict=True):
+            text_color = tuple(0.8 * c for c in mcolors.to_rgb(color))  # a shade darker: tab20's light half is pale
             ax.annotate(name, (x, y), xytext=(column, label_y), textcoords="axes fraction", fontsize=fontsize,
-                        color=color, ha="left" if right_side else "right", va="center",
+                        color=text_color, ha="left" if right_side else "right", va="center",
                         arrowprops={"arrowstyle": "-", "color": color, "lw": 0.5, "alpha": 0.6})
 
 
@@ -347,8 +349,7 @@ def plot_pareto(rows: list[dict], out: Path) -> Path | None:
             labelled.append((x, y, row["name"], colors[number]))
         front = pareto_front(points, higher)
         if len(front) > 1:
-            ax.plot(*zip(*front, strict=True), "k--", lw=1, label="Pareto front")
-            ax.legend(loc="best", fontsize=8)
+            ax.plot(*zip(*front, strict=True), "k--", lw=1)  # named in the title: a legend box would cover labels
         ax.set_xscale("log")  # the students sit within 0.15–0.3 of the teacher's size
         if points:
             low, high = min(x for x, _ in points) / 1.12, max(x for x, _ in points) * 1.12
@@ -360,7 +361,7 @@ def plot_pareto(rows: list[dict], out: Path) -> Path | None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         label_points(ax, labelled)  # after the limits are set: labels are placed in axes fractions
-    fig.suptitle("quality against size, every ablation row (mean ± std over seeds)")
+    fig.suptitle("quality against size, every ablation row (mean ± std over seeds; dashed: the Pareto front)")
     return _save(fig, out / "pareto.png")
 
 
