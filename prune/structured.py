@@ -34,7 +34,7 @@ import torch
 
 from common.cli import run
 from common.config import (
-    load_config,
+    ConfigError,
     load_job_config,
     mark_stage_done,
     parse_cli,
@@ -43,6 +43,7 @@ from common.config import (
 )
 from common.dataset import AudioTextCollator
 from common.training import seed_everything
+from distill.distiller import DistillConfig, build_distiller, load_transfer_set, run_distillation
 from evaluation.efficiency import count_parameters
 from prune.skeleton import read_salmonn_config
 from prune.width import Criterion, DepGraphLog, HeadMode, Widths, prune_to, widths
@@ -258,14 +259,19 @@ def calibrate(model, batches: list[dict], loss_fn, device: torch.device) -> floa
     return total / max(1, len(batches))
 
 
+def distill_config(cfg: JobConfig, overrides: list[str]) -> DistillConfig:
+    """The distillation config that recovery and Taylor calibration run: `distill_config` with `overrides`."""
+    dcfg = load_job_config(cfg.distill_config, overrides)
+    if not isinstance(dcfg, DistillConfig):
+        raise ConfigError(f"distill_config: {cfg.distill_config} is not a distill.train YAML (its `job:` must be "
+                          "distill.train)")
+    return dcfg
+
+
 def calibration_setup(cfg: JobConfig, folder: Path, out: Path):
     """(student, list of batches, loss function) for Taylor scoring, from the distill recipe's data and loss."""
-    from distill.train import JobConfig as DistillJob
-    from distill.train import build as build_distiller
-    from distill.train import load_transfer_set
-
     overrides = [*cfg.distill_overrides, f"init_from={folder}", f"output_dir={out / 'calibration'}"]
-    dcfg = load_config(DistillJob, cfg.distill_config, overrides)
+    dcfg = distill_config(cfg, overrides)
     train = load_transfer_set(dcfg)
     if cfg.calibration.loss == "distill":
         distiller, _ = build_distiller(dcfg, train)
@@ -287,14 +293,13 @@ def calibration_setup(cfg: JobConfig, folder: Path, out: Path):
 
 
 def recover(cfg: JobConfig, pruned: Path, out_dir: Path, step: int) -> Path:
-    """KD recovery: the distill recipe started from the pruned folder; returns the recovered student folder."""
-    from distill.train import main as distill_main
-
-    args = ["--config", cfg.distill_config, "--force", *cfg.distill_overrides, f"init_from={pruned}",
-            f"output_dir={out_dir}", f"log_dir={Path(cfg.log_dir) / f'step{step}'}",
-            f"loop.max_steps={cfg.schedule.recovery_steps}"]
-    print(f"recovery after step {step}: python -m distill.train {' '.join(args)}")
-    if distill_main(args) != 0:
+    """KD recovery: a distillation run (`distill.distiller.run_distillation`) of `distill_config` started from the
+    pruned folder, from scratch; returns the recovered student folder."""
+    overrides = [*cfg.distill_overrides, f"init_from={pruned}", f"output_dir={out_dir}",
+                 f"log_dir={Path(cfg.log_dir) / f'step{step}'}", f"loop.max_steps={cfg.schedule.recovery_steps}"]
+    print(f"recovery after step {step}: python -m distill.train --config {cfg.distill_config} --force "
+          f"{' '.join(overrides)}")
+    if run_distillation(distill_config(cfg, overrides), force=True) != 0:
         raise SystemExit(f"recovery after pruning step {step} failed (see above)")
     return out_dir / "model"
 
