@@ -30,6 +30,7 @@ from common.config import (
 from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler, first_clip_indices
 from common.feature_store import SubsetView
 from common.features import FeatureConfig
+from common.splits import load_split
 from common.tracking import MetricLogger
 from common.training import (
     LoopConfig,
@@ -52,11 +53,11 @@ from student.build import (
     save_student_folder,
 )
 from teacher.build import LLMConfig, SalmonnConfig, load_tokenizer
-from teacher.cache import sample_keys, teacher_identity, teacher_tokenizer_identity
+from teacher.cache_identity import sample_keys, teacher_identity, teacher_tokenizer_identity
 from teacher.cache_store import CacheReader
 from teacher.checkpoint import load_model_folder, read_model_config
 from teacher.salmonn import Salmonn, shift_for_next_token
-from teacher.train import ValidationConfig, load_split, validator
+from teacher.validation import ValidationConfig, validator
 
 
 @dataclass
@@ -340,9 +341,14 @@ def teacher_tokenizer_of(folder: str | Path):
     return load_tokenizer(LLMConfig(path=str(Path(folder) / "llm")))
 
 
+def split_of(cfg: DistillConfig, split: str):
+    """`common.splits.load_split` with this run's data, features, feature store, output folder and seed."""
+    return load_split(cfg.data, cfg.features, split, cfg.output_dir, cfg.feature_store, cfg.loop.seed)
+
+
 def load_transfer_set(cfg: DistillConfig):
-    """The train split (teacher.train's `load_split`), cut to `transfer_clips_per_task` when that is set."""
-    train = load_split(cfg, "train")
+    """The train split (`common.splits.load_split`), cut to `transfer_clips_per_task` when that is set."""
+    train = split_of(cfg, "train")
     if cfg.transfer_clips_per_task:
         train = SubsetView(train, first_clip_indices(train.examples, cfg.transfer_clips_per_task))
         print(f"transfer set: the first {cfg.transfer_clips_per_task} clips of each task, "
@@ -424,7 +430,7 @@ def run_distillation(cfg: DistillConfig, force: bool = False) -> int:
         save_resolved(cfg, out_dir)
     # The main process goes first and writes the data reports, the feature store and the student's tokenizer.
     with accelerator.main_process_first(), whole_models(accelerator):
-        train, valid = load_transfer_set(cfg), load_split(cfg, "valid")
+        train, valid = load_transfer_set(cfg), split_of(cfg, "valid")
         distiller, student_cfg = build_distiller(cfg, train)
     distiller.prepare_teacher(accelerator, cfg.loop)
     tokenizers = report_tokenizers(distiller, train)
@@ -433,7 +439,7 @@ def run_distillation(cfg: DistillConfig, force: bool = False) -> int:
     sampler = DurationBucketSampler(train.durations, cfg.loop.batch_size, cfg.data.bucket_pool_batches,
                                     seed=cfg.loop.seed)
     rank_suffix = "" if main_process else f"_rank{accelerator.process_index}"  # ZeRO-3 evaluates on every rank
-    evaluate = validator(cfg, valid, out_dir / f"valid{rank_suffix}")
+    evaluate = validator(cfg.validation, valid, out_dir / f"valid{rank_suffix}")
     with MetricLogger(cfg.log_dir, backends=("tensorboard", "stdout", "jsonl") if main_process else (),
                       stdout_every=5, owner=out_dir) as logger:
         logger.log(0, {f"data/{k}": v for k, v in tokenizers.items()})

@@ -47,9 +47,9 @@ from common.tracking import LOG_OWNER
 
 
 def teacher_identity(folder: str) -> str:
-    """`teacher.cache.teacher_identity`, imported on first use: it pulls in torch and transformers, which
+    """`teacher.cache_identity.teacher_identity`, imported on first use: it pulls in torch and transformers, which
     `python -m experiments compare|figures` (and `--help`) never need."""
-    from teacher.cache import teacher_identity as identity
+    from teacher.cache_identity import teacher_identity as identity
 
     return identity(folder)
 
