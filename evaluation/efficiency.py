@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from evaluation.interface import AudioLanguageModel, Batch, batch_size_of, concat_batches, move_batch
+from common.model import AudioLanguageModel, Batch, batch_size_of, concat_batches, move_batch
 
 MIB = 2**20
 

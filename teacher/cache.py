@@ -30,7 +30,7 @@ from common.dataset import AudioTextCollator, DataConfig, scan_split
 from common.device import InferenceDtype, place_for_inference
 from common.feature_store import with_feature_store
 from common.features import FeatureConfig
-from evaluation.interface import move_batch
+from common.model import move_batch
 from teacher.build import LLMConfig, SalmonnConfig, build_salmonn, load_tokenizer
 from teacher.cache_identity import sample_keys, teacher_identity, teacher_tokenizer_identity
 from teacher.cache_store import (

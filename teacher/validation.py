@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.decode import GenerationConfig
+from common.scoring import score_clips
+
 
 @dataclass
 class ValidationConfig:
@@ -18,14 +21,11 @@ class ValidationConfig:
 def validator(v: ValidationConfig, valid, out_dir: Path):
     """A loop's `evaluate(model, step)`: decode part of `valid` and score it with the evaluation code (WER, CIDEr-D);
     predictions under `<out_dir>/step_<step>/`."""
-    from evaluation.run import GenerationConfig, quality
-    from evaluation.run import JobConfig as EvalConfig
-
-    eval_cfg = EvalConfig(max_clips_per_task=v.max_clips_per_task, batch_size=v.batch_size,
-                          generation=GenerationConfig(max_new_tokens=v.max_new_tokens))
+    generation = GenerationConfig(max_new_tokens=v.max_new_tokens)
 
     def evaluate(model, step: int) -> dict[str, float]:
-        metrics, _, _ = quality(model, valid, eval_cfg, out_dir / f"step_{step:07d}", None)
+        metrics, _, _ = score_clips(model, valid, out_dir / f"step_{step:07d}", None, v.max_clips_per_task,
+                                    v.batch_size, generation)
         return {f"eval/{k}": float(metrics[k]) for k in ("wer", "cer", "cider_d", "bleu_4") if k in metrics}
 
     return evaluate

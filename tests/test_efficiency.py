@@ -14,6 +14,7 @@ from standins import StandInConfig, StandInModel, make_clip
 from torch import nn
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
+from common.model import AudioLanguageModel, batch_size_of, concat_batches
 from evaluation.efficiency import (
     RATIO_KEYS,
     EfficiencyConfig,
@@ -25,7 +26,6 @@ from evaluation.efficiency import (
     tensor_bytes,
     weight_bytes,
 )
-from evaluation.interface import AudioLanguageModel, batch_size_of, concat_batches
 from evaluation.results import (
     METRIC_KEYS,
     build_results,
