@@ -42,10 +42,12 @@ from common.config import (
     stage_is_current,
 )
 from common.dataset import AudioTextCollator
+from common.device import resolve_device
+from common.model import move_batch
 from common.training import seed_everything
 from distill.distiller import DistillConfig, build_distiller, load_transfer_set, run_distillation
 from evaluation.efficiency import count_parameters
-from prune.skeleton import read_salmonn_config
+from prune.skeleton import merge_lora, read_salmonn_config
 from prune.width import Criterion, DepGraphLog, HeadMode, Widths, prune_to, widths
 from student.build import load_student_folder, save_student_folder
 from teacher.build import SalmonnConfig
@@ -196,18 +198,6 @@ def target_widths(original: Widths, ratios: Ratios, fraction: float) -> Widths:
 # ----- model in, model out -------------------------------------------------------------------------------------
 
 
-def merge_lora(model, salmonn_cfg: SalmonnConfig) -> SalmonnConfig:
-    """Fold LoRA adapters into the LLM's weights (pruning cuts the base layers; the adapters would not fit)."""
-    if not hasattr(model.llm, "merge_and_unload"):
-        return salmonn_cfg
-    flags = {n: p.requires_grad for n, p in model.llm.get_base_model().named_parameters()}
-    model.llm = model.llm.merge_and_unload()
-    for name, p in model.llm.named_parameters():
-        p.requires_grad_(flags.get(name, False) or not salmonn_cfg.llm.freeze)
-    print("LoRA adapters merged into the LLM; the pruned student has none (lora.enabled: false)")
-    return dataclasses.replace(salmonn_cfg, lora=dataclasses.replace(salmonn_cfg.lora, enabled=False))
-
-
 def describe(salmonn_cfg: SalmonnConfig, model) -> SalmonnConfig:
     """The SalmonnConfig with the pruned widths (the HF configs inside the folder are the ones that load)."""
     w = widths(model)
@@ -232,12 +222,6 @@ def parameters(model) -> dict:
 # ----- calibration (Taylor) ------------------------------------------------------------------------------------
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def calibrate(model, batches: list[dict], loss_fn, device: torch.device) -> float:
     """Accumulate gradients of `loss_fn(batch)` over `batches` on every parameter (dropout off); returns the mean
     loss. Gradients stay on the weights for Taylor scoring; `requires_grad` flags are restored."""
@@ -248,7 +232,7 @@ def calibrate(model, batches: list[dict], loss_fn, device: torch.device) -> floa
     total = 0.0
     try:
         for batch in batches:
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = move_batch(batch, device)
             loss = loss_fn(batch)
             (loss / len(batches)).backward()
             total += float(loss.detach())
@@ -312,7 +296,7 @@ def prune_step(cfg: JobConfig, folder: Path, original: Widths, step: int, out: P
     if cfg.importance == "taylor":
         model, module, batches, loss_fn = calibration_setup(cfg, folder, out)
         salmonn_cfg = merge_lora(model, salmonn_cfg)
-        calibration_loss = calibrate(module, batches, loss_fn, pick_device(cfg.device))
+        calibration_loss = calibrate(module, batches, loss_fn, resolve_device(cfg.device))
     else:
         model = load_student_folder(folder)
         salmonn_cfg = merge_lora(model, salmonn_cfg)

@@ -7,6 +7,7 @@ import torch
 
 from common.feature_store import with_encoder_outputs
 from common.features import FeatureConfig
+from common.model import move_batch
 from teacher.salmonn import Salmonn
 
 
@@ -24,7 +25,7 @@ def with_cached_encoders(model: Salmonn, dataset, features: FeatureConfig, store
     for key in keys:
 
         def encode(batch: dict, key: str = key) -> dict[str, list[torch.Tensor]]:
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = move_batch(batch, device)
             return {k: [t.cpu() for t in v] for k, v in model.encoder_outputs(batch, [key]).items()}
 
         dataset = with_encoder_outputs(dataset, encode, model.encoder_fingerprint([key]), features, store_dir,
