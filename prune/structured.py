@@ -44,9 +44,9 @@ from common.config import (
 from common.dataset import AudioTextCollator
 from common.device import resolve_device
 from common.model import move_batch
+from common.sizes import count_parameters
 from common.training import seed_everything
 from distill.distiller import DistillConfig, build_distiller, load_transfer_set, run_distillation
-from evaluation.efficiency import count_parameters
 from prune.skeleton import merge_lora, read_salmonn_config
 from prune.width import Criterion, DepGraphLog, HeadMode, Widths, prune_to, widths
 from student.build import load_student_folder, save_student_folder

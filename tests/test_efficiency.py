@@ -15,16 +15,14 @@ from torch import nn
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
 from common.model import AudioLanguageModel, batch_size_of, concat_batches
+from common.sizes import count_parameters, tensor_bytes, weight_bytes
 from evaluation.efficiency import (
     RATIO_KEYS,
     EfficiencyConfig,
     PeakMemoryMeter,
     compare,
-    count_parameters,
     measure,
     summarize,
-    tensor_bytes,
-    weight_bytes,
 )
 from evaluation.results import (
     METRIC_KEYS,
