@@ -33,10 +33,7 @@ from common.device import InferenceDtype
 from common.feature_store import with_feature_store
 from common.features import AudioFeaturizer, FeatureConfig
 from common.model import AudioLanguageModel
-from common.scoring import score_clips, select_clips
-from evaluation.efficiency import EfficiencyConfig, compare, ratios, release_memory
-from evaluation.models import load_model as load_model_folder
-from evaluation.results import (
+from common.results import (
     QUALITY_KEYS,
     build_results,
     efficiency_metrics,
@@ -44,6 +41,9 @@ from evaluation.results import (
     load_results,
     write_results,
 )
+from common.scoring import score_clips, select_clips
+from evaluation.efficiency import EfficiencyConfig, compare, ratios, release_memory
+from evaluation.models import load_model as load_model_folder
 
 
 @dataclass

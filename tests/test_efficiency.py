@@ -15,6 +15,15 @@ from torch import nn
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
 from common.model import AudioLanguageModel, batch_size_of, concat_batches
+from common.results import (
+    METRIC_KEYS,
+    build_results,
+    efficiency_metrics,
+    format_summary,
+    load_results,
+    validate_results,
+    write_results,
+)
 from common.sizes import count_parameters, tensor_bytes, weight_bytes
 from evaluation.efficiency import (
     RATIO_KEYS,
@@ -23,15 +32,6 @@ from evaluation.efficiency import (
     compare,
     measure,
     summarize,
-)
-from evaluation.results import (
-    METRIC_KEYS,
-    build_results,
-    efficiency_metrics,
-    format_summary,
-    load_results,
-    validate_results,
-    write_results,
 )
 
 TEACHER_CONFIG = StandInConfig(encoder_layers=3, llm_dim=64, llm_layers=3)
