@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from common.model import move_batch
 from common.tracking import MetricLogger
 
 
@@ -500,7 +501,7 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
             state.epoch, state.batch_in_epoch = epoch, index + 1
             if hasattr(dataset, "set_epoch"):  # augmentation draws per (seed, epoch, item): common.augment
                 dataset.set_epoch(epoch)
-            batch = _to_device(collate([dataset[i] for i in ids]), device)
+            batch = move_batch(collate([dataset[i] for i in ids]), device)
             # DDP all-reduces gradients only after the last micro-batch of a step.
             last_micro = micro == loop.grad_accum - 1
             with contextlib.nullcontext() if last_micro or deepspeed else accelerator.no_sync(model):
@@ -584,10 +585,6 @@ def _track_best(state: TrainState, results: dict[str, float], loop: LoopConfig) 
         better = value < state.best_value if loop.best_mode == "min" else value > state.best_value
     if better:
         state.best_value, state.best_step = value, state.step
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _memory_mb() -> float:

@@ -25,11 +25,11 @@ import torch
 from common.cli import run
 from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import DataConfig, scan_split
+from common.decode import GenerationConfig, decode
 from common.feature_store import with_feature_store
 from common.features import FeatureConfig
+from common.scoring import select_clips
 from distill.cross_tokenizer import sequence_kd_records
-from evaluation.run import GenerationConfig, decode, select_clips
-from evaluation.run import JobConfig as EvalConfig
 from teacher.checkpoint import load_model_folder
 
 
@@ -80,10 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, "train")
     teacher = load_model_folder(cfg.teacher_folder).eval()
     chosen, _ = select_clips(dataset, 0)
-    eval_cfg = EvalConfig(batch_size=cfg.batch_size, generation=cfg.generation)
     texts: dict[tuple[str, str], str] = {}
     for task, indices in chosen.items():
-        outputs = decode(teacher, dataset, indices, eval_cfg)
+        outputs = decode(teacher, dataset, indices, cfg.batch_size, cfg.generation)
         texts.update({(task, dataset.examples[i].path): text for i, text in zip(indices, outputs, strict=True)})
         print(f"{task}: {len(indices)} clips decoded by the teacher")
     records = records_for(dataset, texts, out_json)

@@ -24,10 +24,9 @@ import time
 import torch
 
 from common.cli import run
-from common.config import load_config
+from common.config import ConfigError, load_job_config
 from common.dataset import AudioTextCollator, DurationBucketSampler
-from distill.train import JobConfig as DistillConfig
-from distill.train import build, load_transfer_set
+from distill.distiller import DistillConfig, build_distiller, load_transfer_set
 
 
 def timed_step(distiller, batch, optimizer) -> float:
@@ -55,9 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    d = load_config(DistillConfig, args.config, args.overrides)
+    d = load_job_config(args.config, args.overrides)
+    if not isinstance(d, DistillConfig):
+        raise ConfigError(f"{args.config}: --config must be a distill.train YAML (with `job: distill.train`)")
     train = load_transfer_set(d)
-    distiller, _ = build(d, train)
+    distiller, _ = build_distiller(d, train)
     distiller.train()
     ce_cfg = dataclasses.replace(d.kd, kd_weight=0.0, feature_weight=0.0, hidden_weight=0.0)
     kd_cfg = d.kd

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from evaluation.efficiency import tensor_bytes
+from common.sizes import tensor_bytes
 
 
 @dataclass

@@ -22,11 +22,11 @@ from pathlib import Path
 from aac_metrics.functional import cider_d
 
 from common.annotations import DataReport, read_examples
+from common.asr_metrics import asr_scores
+from common.caption_metrics import caption_scores, default_cache_dir, locate_java, prepare_cache_dir, ptb_tokenize
 from common.cli import run
 from common.config import parse_cli, save_resolved
 from common.dataset import DataConfig
-from evaluation.asr_metrics import asr_scores
-from evaluation.caption_metrics import caption_scores, default_cache_dir, locate_java, prepare_cache_dir, ptb_tokenize
 
 
 @dataclass

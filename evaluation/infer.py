@@ -30,8 +30,9 @@ from common.audio import SAMPLE_RATE, AudioError, load_audio
 from common.cli import run
 from common.config import ConfigError, read_yaml
 from common.dataset import DEFAULT_PROMPTS, AudioTextDataset, DataConfig
+from common.decode import GenerationConfig, decode
 from common.features import FeatureConfig
-from evaluation.models import FOLDER_KINDS, GenerationConfig, decode, folder_kind, load_model
+from evaluation.models import FOLDER_KINDS, folder_kind, load_model
 
 OUTPUT_SUFFIXES = (".jsonl", ".json")
 

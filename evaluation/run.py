@@ -16,7 +16,7 @@ if __name__ == "__main__":  # before the heavy imports below: answer --help from
     before_imports()
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -27,16 +27,13 @@ from common.audio import SAMPLE_RATE, load_audio
 from common.cli import run
 from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
 from common.dataset import AudioTextCollator, DataConfig, scan_split
+from common.decode import GenerationConfig
+from common.decode import decode as decode_clips
 from common.device import InferenceDtype
 from common.feature_store import with_feature_store
 from common.features import AudioFeaturizer, FeatureConfig
-from evaluation.asr_metrics import NORMALIZER_NAME, asr_scores
-from evaluation.efficiency import EfficiencyConfig, compare, ratios, release_memory
-from evaluation.interface import AudioLanguageModel
-from evaluation.models import GenerationConfig
-from evaluation.models import decode as decode_clips
-from evaluation.models import load_model as load_model_folder
-from evaluation.results import (
+from common.model import AudioLanguageModel
+from common.results import (
     QUALITY_KEYS,
     build_results,
     efficiency_metrics,
@@ -44,6 +41,9 @@ from evaluation.results import (
     load_results,
     write_results,
 )
+from common.scoring import score_clips, select_clips
+from evaluation.efficiency import EfficiencyConfig, compare, ratios, release_memory
+from evaluation.models import load_model as load_model_folder
 
 
 @dataclass
@@ -95,73 +95,14 @@ def load_model(ref: ModelRef, device: str = "cpu", dtype: InferenceDtype = "floa
     return load_model_folder(ref.loader, ref.path, device, dtype, where=f"models[{ref.name}].loader")
 
 
-def select_clips(dataset, max_per_task: int) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
-    """Per task, the dataset indices to decode (one per unique clip) and each clip's references.
-
-    AAC clips appear once per reference caption; they are decoded once and scored against all captions.
-    """
-    chosen: dict[str, list[int]] = {}
-    refs: dict[str, list[str]] = {}
-    first: dict[tuple[str, str], int] = {}
-    for i, ex in enumerate(dataset.examples):
-        key = (ex.task, ex.path)
-        if key not in first:
-            if max_per_task and len(chosen.get(ex.task, [])) >= max_per_task:
-                continue
-            first[key] = i
-            chosen.setdefault(ex.task, []).append(i)
-        refs.setdefault(f"{ex.task}|{ex.path}", []).append(ex.text)
-    return chosen, refs
+def quality(model: AudioLanguageModel, dataset, cfg: JobConfig, out_dir: Path,
+            cache_dir: Path | None) -> tuple[dict, dict, dict]:
+    """`common.scoring.score_clips` with this job's clip limit, batch size and generation settings."""
+    return score_clips(model, dataset, out_dir, cache_dir, cfg.max_clips_per_task, cfg.batch_size, cfg.generation)
 
 
 def decode(model: AudioLanguageModel, dataset, indices: list[int], cfg: JobConfig) -> list[str]:
     return decode_clips(model, dataset, indices, cfg.batch_size, cfg.generation)
-
-
-def quality(model: AudioLanguageModel, dataset, cfg: JobConfig, out_dir: Path,
-            cache_dir: Path | None) -> tuple[dict, dict, dict]:
-    """Decode the chosen clips, write predictions.jsonl, return (metrics, settings, unavailable)."""
-    # Imported here: aac-metrics (installed apart, see scripts/setup_env.sh) is not needed to time models (gpu_check).
-    from evaluation.caption_metrics import caption_scores
-
-    chosen, refs = select_clips(dataset, cfg.max_clips_per_task)
-    metrics, unavailable = {}, {}
-    lines = []
-    asr = chosen.get("asr", [])
-    if asr:
-        hyps = decode(model, dataset, asr, cfg)
-        gold = [dataset.examples[i].text for i in asr]
-        scores = asr_scores(hyps, gold)
-        metrics.update(wer=scores["wer"], cer=scores["cer"], wer_ortho=scores["wer_ortho"], asr_clips=len(asr))
-        lines += [{"task": "asr", "path": dataset.examples[i].path, "prediction": h, "references": [g]}
-                  for i, h, g in zip(asr, hyps, gold, strict=True)]
-    else:
-        unavailable.update(wer="no asr clips in the test split", cer="no asr clips in the test split")
-    aac = chosen.get("audiocaption", [])
-    if len(aac) >= 2:
-        cands = decode(model, dataset, aac, cfg)
-        clip_refs = [refs[f"audiocaption|{dataset.examples[i].path}"] for i in aac]
-        scores = caption_scores(cands, clip_refs, cache_dir=cache_dir)
-        for key in ("cider_d", "spice", "spider", "meteor", "bleu_4", "rouge_l"):
-            if scores[key] is None:
-                unavailable[key] = scores["unavailable"][key]
-            else:
-                metrics[key] = scores[key]
-        metrics["aac_clips"] = len(aac)
-        per_clip = scores.get("cider_d_per_clip") or [None] * len(aac)
-        lines += [{"task": "audiocaption", "path": dataset.examples[i].path, "prediction": c, "references": r,
-                   "cider_d": s} for i, c, r, s in zip(aac, cands, clip_refs, per_clip, strict=True)]
-    else:
-        for key in ("cider_d", "spice", "spider"):
-            unavailable[key] = "fewer than 2 audiocaption clips in the test split"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "predictions.jsonl", "w") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
-    settings = {"wer": {"normalizer": NORMALIZER_NAME, "library": "jiwer"},
-                "captions": {"library": "aac-metrics", "references_per_clip": "all"},
-                "generation": asdict(cfg.generation)}
-    return metrics, settings, unavailable
 
 
 def efficiency_clips(dataset, cfg: JobConfig) -> list[dict]:

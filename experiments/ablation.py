@@ -31,7 +31,6 @@ import csv
 import fcntl
 import hashlib
 import json
-import math
 import os
 import shlex
 import shutil
@@ -44,22 +43,15 @@ from pathlib import Path
 from common.cli import run
 from common.config import ConfigError, config_hash, load_job_config, parse_cli, read_yaml, save_resolved
 from common.tracking import LOG_OWNER
+from experiments.table import HEADERS, QUALITY, RATIOS, SIZES, mean_std
 
 
 def teacher_identity(folder: str) -> str:
-    """`teacher.cache.teacher_identity`, imported on first use: it pulls in torch and transformers, which
+    """`teacher.cache_identity.teacher_identity`, imported on first use: it pulls in torch and transformers, which
     `python -m experiments compare|figures` (and `--help`) never need."""
-    from teacher.cache import teacher_identity as identity
+    from teacher.cache_identity import teacher_identity as identity
 
     return identity(folder)
-
-QUALITY = ("wer", "cider_d", "spice", "spider")
-RATIOS = ("params", "weight_bytes", "peak_memory_mb", "ttft_ms", "tpot_ms")
-SIZES = ("params_m", "weight_mb")
-HEADERS = {"wer": "WER", "cider_d": "CIDEr-D", "spice": "SPICE", "spider": "SPIDEr", "params_m": "params (M)",
-           "weight_mb": "weights (MiB)", "params": "params ×",
-           "weight_bytes": "weight bytes ×", "peak_memory_mb": "peak memory ×", "ttft_ms": "TTFT ×",
-           "tpot_ms": "TPOT ×"}
 
 
 @dataclass(frozen=True)
@@ -450,17 +442,6 @@ def run_parallel(cfg: JobConfig, rows: list[Row], record) -> None:
                 record(assemble_row(row, [done[row.name][s] for s in seeds]))
     if failure is not None:
         raise failure
-
-
-def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (n − 1) of the non-null values; std is None for fewer than two."""
-    xs = [v for v in values if v is not None]
-    if not xs:
-        return None, None
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
 
 
 def summarise(row: dict) -> dict[str, tuple[float | None, float | None]]:

@@ -26,7 +26,7 @@ import statistics
 from pathlib import Path
 
 from common.cli import run
-from experiments.ablation import HEADERS, QUALITY
+from experiments.table import HEADERS, QUALITY
 
 LOWER_IS_BETTER = {"wer"}
 

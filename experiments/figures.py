@@ -46,7 +46,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common.cli import run
 from common.config import load_config  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
-from experiments.ablation import QUALITY, RATIOS, JobConfig, mean_std  # noqa: E402
+from experiments.ablation import JobConfig  # noqa: E402
+from experiments.table import QUALITY, RATIOS, mean_std  # noqa: E402
 
 NOT_LOSSES = ("lr", "grad_norm", "tokens_per_s", "memory_mb", "skipped_steps", "aligned_fraction", "carried_mass")
 

@@ -38,10 +38,9 @@ from transformers import AutoModelForCausalLM
 
 from common.cli import run
 from common.config import mark_stage_done, parse_cli, read_yaml, save_resolved, stage_is_current
-from evaluation.efficiency import count_parameters, weight_bytes
-from evaluation.results import format_summary, load_results
-from prune.skeleton import build_skeleton, check_keys, flat_state, read_salmonn_config, write_configs
-from prune.structured import merge_lora
+from common.results import format_summary, load_results
+from common.sizes import count_parameters, weight_bytes
+from prune.skeleton import build_skeleton, check_keys, flat_state, merge_lora, read_salmonn_config, write_configs
 from student.build import load_student_folder
 from teacher.build import DTYPES
 from teacher.checkpoint import MODEL_CONFIG

@@ -41,9 +41,8 @@ from torch import nn
 
 from common.cli import run
 from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
-from evaluation.efficiency import weight_bytes
-from prune.skeleton import build_skeleton, check_keys, flat_state, read_salmonn_config, write_configs
-from prune.structured import merge_lora
+from common.sizes import weight_bytes
+from prune.skeleton import build_skeleton, check_keys, flat_state, merge_lora, read_salmonn_config, write_configs
 from student.build import load_student_folder
 from teacher.checkpoint import MODEL_CONFIG
 from teacher.salmonn import Salmonn

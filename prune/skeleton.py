@@ -8,11 +8,13 @@ The configs that define the shapes travel with every folder this package writes:
 - `salmonn.yaml`: the SalmonnConfig (Q-Former shape, prompt, Whisper padding).
 
 `build_skeleton` makes the model at those shapes with freshly initialised weights; the caller then loads every
-tensor and checks that none is left out (`check_keys`).
+tensor and checks that none is left out (`check_keys`). `merge_lora` folds LoRA adapters into the LLM's weights
+before a model is pruned, quantized or exported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -109,3 +111,15 @@ def flat_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str
         seen[key] = name
         state[name] = tensor
     return state, aliases
+
+
+def merge_lora(model, salmonn_cfg: SalmonnConfig) -> SalmonnConfig:
+    """Fold LoRA adapters into the LLM's weights (pruning cuts the base layers; the adapters would not fit)."""
+    if not hasattr(model.llm, "merge_and_unload"):
+        return salmonn_cfg
+    flags = {n: p.requires_grad for n, p in model.llm.get_base_model().named_parameters()}
+    model.llm = model.llm.merge_and_unload()
+    for name, p in model.llm.named_parameters():
+        p.requires_grad_(flags.get(name, False) or not salmonn_cfg.llm.freeze)
+    print("LoRA adapters merged into the LLM; the pruned student has none (lora.enabled: false)")
+    return dataclasses.replace(salmonn_cfg, lora=dataclasses.replace(salmonn_cfg.lora, enabled=False))

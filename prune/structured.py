@@ -34,7 +34,7 @@ import torch
 
 from common.cli import run
 from common.config import (
-    load_config,
+    ConfigError,
     load_job_config,
     mark_stage_done,
     parse_cli,
@@ -42,9 +42,12 @@ from common.config import (
     stage_is_current,
 )
 from common.dataset import AudioTextCollator
+from common.device import resolve_device
+from common.model import move_batch
+from common.sizes import count_parameters
 from common.training import seed_everything
-from evaluation.efficiency import count_parameters
-from prune.skeleton import read_salmonn_config
+from distill.distiller import DistillConfig, build_distiller, load_transfer_set, run_distillation
+from prune.skeleton import merge_lora, read_salmonn_config
 from prune.width import Criterion, DepGraphLog, HeadMode, Widths, prune_to, widths
 from student.build import load_student_folder, save_student_folder
 from teacher.build import SalmonnConfig
@@ -195,18 +198,6 @@ def target_widths(original: Widths, ratios: Ratios, fraction: float) -> Widths:
 # ----- model in, model out -------------------------------------------------------------------------------------
 
 
-def merge_lora(model, salmonn_cfg: SalmonnConfig) -> SalmonnConfig:
-    """Fold LoRA adapters into the LLM's weights (pruning cuts the base layers; the adapters would not fit)."""
-    if not hasattr(model.llm, "merge_and_unload"):
-        return salmonn_cfg
-    flags = {n: p.requires_grad for n, p in model.llm.get_base_model().named_parameters()}
-    model.llm = model.llm.merge_and_unload()
-    for name, p in model.llm.named_parameters():
-        p.requires_grad_(flags.get(name, False) or not salmonn_cfg.llm.freeze)
-    print("LoRA adapters merged into the LLM; the pruned student has none (lora.enabled: false)")
-    return dataclasses.replace(salmonn_cfg, lora=dataclasses.replace(salmonn_cfg.lora, enabled=False))
-
-
 def describe(salmonn_cfg: SalmonnConfig, model) -> SalmonnConfig:
     """The SalmonnConfig with the pruned widths (the HF configs inside the folder are the ones that load)."""
     w = widths(model)
@@ -231,12 +222,6 @@ def parameters(model) -> dict:
 # ----- calibration (Taylor) ------------------------------------------------------------------------------------
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def calibrate(model, batches: list[dict], loss_fn, device: torch.device) -> float:
     """Accumulate gradients of `loss_fn(batch)` over `batches` on every parameter (dropout off); returns the mean
     loss. Gradients stay on the weights for Taylor scoring; `requires_grad` flags are restored."""
@@ -247,7 +232,7 @@ def calibrate(model, batches: list[dict], loss_fn, device: torch.device) -> floa
     total = 0.0
     try:
         for batch in batches:
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = move_batch(batch, device)
             loss = loss_fn(batch)
             (loss / len(batches)).backward()
             total += float(loss.detach())
@@ -258,14 +243,19 @@ def calibrate(model, batches: list[dict], loss_fn, device: torch.device) -> floa
     return total / max(1, len(batches))
 
 
+def distill_config(cfg: JobConfig, overrides: list[str]) -> DistillConfig:
+    """The distillation config that recovery and Taylor calibration run: `distill_config` with `overrides`."""
+    dcfg = load_job_config(cfg.distill_config, overrides)
+    if not isinstance(dcfg, DistillConfig):
+        raise ConfigError(f"distill_config: {cfg.distill_config} is not a distill.train YAML (its `job:` must be "
+                          "distill.train)")
+    return dcfg
+
+
 def calibration_setup(cfg: JobConfig, folder: Path, out: Path):
     """(student, list of batches, loss function) for Taylor scoring, from the distill recipe's data and loss."""
-    from distill.train import JobConfig as DistillJob
-    from distill.train import build as build_distiller
-    from distill.train import load_transfer_set
-
     overrides = [*cfg.distill_overrides, f"init_from={folder}", f"output_dir={out / 'calibration'}"]
-    dcfg = load_config(DistillJob, cfg.distill_config, overrides)
+    dcfg = distill_config(cfg, overrides)
     train = load_transfer_set(dcfg)
     if cfg.calibration.loss == "distill":
         distiller, _ = build_distiller(dcfg, train)
@@ -287,14 +277,13 @@ def calibration_setup(cfg: JobConfig, folder: Path, out: Path):
 
 
 def recover(cfg: JobConfig, pruned: Path, out_dir: Path, step: int) -> Path:
-    """KD recovery: the distill recipe started from the pruned folder; returns the recovered student folder."""
-    from distill.train import main as distill_main
-
-    args = ["--config", cfg.distill_config, "--force", *cfg.distill_overrides, f"init_from={pruned}",
-            f"output_dir={out_dir}", f"log_dir={Path(cfg.log_dir) / f'step{step}'}",
-            f"loop.max_steps={cfg.schedule.recovery_steps}"]
-    print(f"recovery after step {step}: python -m distill.train {' '.join(args)}")
-    if distill_main(args) != 0:
+    """KD recovery: a distillation run (`distill.distiller.run_distillation`) of `distill_config` started from the
+    pruned folder, from scratch; returns the recovered student folder."""
+    overrides = [*cfg.distill_overrides, f"init_from={pruned}", f"output_dir={out_dir}",
+                 f"log_dir={Path(cfg.log_dir) / f'step{step}'}", f"loop.max_steps={cfg.schedule.recovery_steps}"]
+    print(f"recovery after step {step}: python -m distill.train --config {cfg.distill_config} --force "
+          f"{' '.join(overrides)}")
+    if run_distillation(distill_config(cfg, overrides), force=True) != 0:
         raise SystemExit(f"recovery after pruning step {step} failed (see above)")
     return out_dir / "model"
 
@@ -307,7 +296,7 @@ def prune_step(cfg: JobConfig, folder: Path, original: Widths, step: int, out: P
     if cfg.importance == "taylor":
         model, module, batches, loss_fn = calibration_setup(cfg, folder, out)
         salmonn_cfg = merge_lora(model, salmonn_cfg)
-        calibration_loss = calibrate(module, batches, loss_fn, pick_device(cfg.device))
+        calibration_loss = calibrate(module, batches, loss_fn, resolve_device(cfg.device))
     else:
         model = load_student_folder(folder)
         salmonn_cfg = merge_lora(model, salmonn_cfg)

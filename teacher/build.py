@@ -24,6 +24,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from common.config import added_option
 from common.hub import local_folder
 from teacher.beats import BEATs, BEATsConfig
+from teacher.official import CheckpointError, load_salmonn_checkpoint
 from teacher.qformer import QFormerConfig, WindowQFormer
 from teacher.salmonn import BeatsPadding, PromptConfig, Salmonn, prompt_pieces
 from teacher.tokenizer import load_llm_tokenizer
@@ -115,10 +116,6 @@ class SalmonnConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     checkpoint: str = ""
     """SALMONN `.pth` with the trained Q-Former, projection, layer norms and LoRA; empty = fresh glue."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing or does not fit the configured architecture."""
 
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -296,8 +293,6 @@ def set_trainable(model: Salmonn, cfg: SalmonnConfig) -> None:
 
 def build_salmonn(cfg: SalmonnConfig, load_checkpoint: bool = True):
     """Build the model; returns `(model, key_report)` where key_report is None without a SALMONN checkpoint."""
-    from teacher.checkpoint import load_salmonn_checkpoint
-
     tokenizer = load_tokenizer(cfg.llm, prompt_pieces(cfg.prompt, "Transcribe the speech."))
     whisper = build_whisper(cfg.whisper)
     beats = build_beats(cfg.beats)

@@ -15,7 +15,6 @@ if __name__ == "__main__":  # before the heavy imports below: answer --help from
 
     before_imports()
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -26,13 +25,14 @@ import torch
 from tqdm import tqdm
 
 from common.cli import run
-from common.config import file_stamps, mark_stage_done, parse_cli, stage_is_current
+from common.config import mark_stage_done, parse_cli, stage_is_current
 from common.dataset import AudioTextCollator, DataConfig, scan_split
 from common.device import InferenceDtype, place_for_inference
-from common.feature_store import SubsetView, with_feature_store
+from common.feature_store import with_feature_store
 from common.features import FeatureConfig
-from evaluation.interface import move_batch
+from common.model import move_batch
 from teacher.build import LLMConfig, SalmonnConfig, build_salmonn, load_tokenizer
+from teacher.cache_identity import sample_keys, teacher_identity, teacher_tokenizer_identity
 from teacher.cache_store import (
     MANIFEST,
     CachedSample,
@@ -40,14 +40,12 @@ from teacher.cache_store import (
     CacheReader,
     CacheWriter,
     config_hash,
-    tokenizer_identity,
 )
-from teacher.checkpoint import MODEL_CONFIG, load_model_folder, read_model_config
+from teacher.checkpoint import load_model_folder
+from teacher.encoder_store import with_cached_encoders
 from teacher.qformer import num_windows
 from teacher.salmonn import shift_for_next_token
 from teacher.sparse import sampled_sparse, topk_sparse
-from teacher.tokenizer import encoding_identity
-from teacher.train import with_cached_encoders
 
 
 @dataclass
@@ -78,37 +76,6 @@ class JobConfig:
     seed: int = 0
     """Seeds the importance sampling (each shard from seed + shard index, so a resumed run draws the same)."""
     output_dir: str = "outputs/toy/cache/train"
-
-
-def sample_keys(dataset) -> list[str]:
-    """One key per entry: index, task, audio path and a hash of the reference text (same data → same keys).
-    A subset of a split (`common.feature_store.SubsetView`) has its entries' keys in the whole split."""
-    if isinstance(dataset, SubsetView):
-        keys = sample_keys(dataset.dataset)
-        return [keys[i] for i in dataset.indices]
-    keys = []
-    for i, ex in enumerate(dataset.examples):
-        digest = hashlib.sha1(ex.text.encode()).hexdigest()[:12]
-        keys.append(f"{i:07d}|{ex.task}|{ex.path}|{digest}")
-    return keys
-
-
-def teacher_identity(teacher_folder: str, teacher_cfg: SalmonnConfig | None = None) -> dict:
-    """Names, sizes and mtimes of the teacher folder's files (cheap even for 26 GB of weights) and its resolved
-    `beats.padding_features`, or the hash of the config that builds the teacher from the official checkpoints."""
-    if teacher_folder:
-        stamps = file_stamps(teacher_folder)
-        identity = {"folder": str(Path(teacher_folder)), "files": hashlib.sha256(repr(stamps).encode()).hexdigest()}
-        if (Path(teacher_folder) / MODEL_CONFIG).is_file():
-            # Not in the files when an old folder's salmonn.yaml lacks it, and it changes what the teacher computes.
-            identity["beats_padding"] = read_model_config(teacher_folder).beats.padding_features
-        return identity
-    return {"config": config_hash(asdict(teacher_cfg))}
-
-
-def teacher_tokenizer_identity(tokenizer) -> dict:
-    """The cache's tokenizer identity: vocabulary and how it encodes (`teacher.tokenizer.encoding_identity`)."""
-    return tokenizer_identity("teacher", tokenizer.get_vocab(), encoding_identity(tokenizer))
 
 
 def cache_identity(cfg: JobConfig, tokenizer) -> CacheIdentity:

@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file
 
 from common.cli import run
-from common.config import load_config
+from common.config import ConfigError, load_job_config
 from common.dataset import AudioTextCollator, AudioTextDataset
 from common.feature_store import with_feature_store
 from teacher.build import build_salmonn
+from teacher.ctc import WithCTC
 from teacher.salmonn import crop_mel, run_whisper_encoder
-from teacher.train import JobConfig, WithCTC
 
 
 def greedy_ctc(ids: list[int], alphabet: str) -> str:
@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=128, help="ASR clips per split")
     parser.add_argument("--step", type=int, default=0, help="checkpoint step (default: the last)")
     args = parser.parse_args(argv)
-    cfg = load_config(JobConfig, args.config)
+    cfg = load_job_config(args.config)
+    if not hasattr(cfg, "ctc"):
+        raise ConfigError(f"{args.config}: --config must be a teacher.train YAML (with `job: teacher.train`)")
     root = Path(cfg.output_dir) / "encoder_pretrain" / "checkpoints"
     steps = sorted(root.glob("step_*"))
     if args.step:

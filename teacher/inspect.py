@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from common.cli import run
 from common.config import parse_cli
-from evaluation.efficiency import count_parameters, weight_bytes
+from common.sizes import count_parameters, weight_bytes
 from teacher.build import CheckpointError, SalmonnConfig, build_salmonn
 
 

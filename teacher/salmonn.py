@@ -23,7 +23,7 @@ from torch import nn
 from common.dataset import ENCODER_OUTPUTS
 from common.fbank import BEATS_SILENT_FRAME
 from common.features import FBANK_SHIFT, FBANK_WINDOW, fbank_frames
-from evaluation.interface import AudioLanguageModel
+from common.model import AudioLanguageModel
 from teacher.qformer import WindowQFormer
 
 SPEECH_PLACEHOLDER = "<SpeechHere>"

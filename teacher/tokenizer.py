@@ -99,7 +99,7 @@ def load_llm_tokenizer(folder: str | Path, probe_texts: Sequence[str] = ()):
     """
     from transformers import AutoTokenizer
 
-    from teacher.build import CheckpointError
+    from teacher.official import CheckpointError
 
     folder = Path(folder)
     if not is_llama_folder(folder):

@@ -22,23 +22,21 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from common.augment import with_augmentation
 from common.bpe import train_bpe
 from common.cli import run
 from common.config import added_option, config_hash, mark_stage_done, parse_cli, save_resolved, stage_is_current
-from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler, scan_split
-from common.feature_store import with_encoder_outputs, with_feature_store
+from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler
 from common.features import FeatureConfig
 from common.hub import is_hub_id
+from common.splits import load_split as load_data_split
 from common.tracking import MetricLogger
 from common.training import LoopConfig, OptimConfig, fit, seed_everything
 from teacher.build import SalmonnConfig, apply_lora, build_llm, build_salmonn
 from teacher.checkpoint import save_model_folder
-from teacher.qformer import num_windows
-from teacher.salmonn import SPEECH_OUT, Salmonn, crop_mel, run_whisper_encoder
+from teacher.ctc import CTCConfig, EncoderCTC, WithCTC
+from teacher.encoder_store import with_cached_encoders
+from teacher.salmonn import SPEECH_OUT, Salmonn
 from teacher.train_aids import (
     AlignConfig,
     BeatsTaggingConfig,
@@ -47,6 +45,8 @@ from teacher.train_aids import (
     pretrain_beats,
     pretrain_llm,
 )
+from teacher.validation import ValidationConfig
+from teacher.validation import validator as valid_scorer
 
 
 @dataclass
@@ -54,42 +54,6 @@ class TokenizerConfig:
     vocab_size: int = 1000
     style: Literal["llama", "bytelevel"] = "llama"
     """llama: `▁` word markers like Vicuna's SentencePiece; bytelevel: `Ġ` markers (the toy student's)."""
-
-
-@dataclass
-class ValidationConfig:
-    max_clips_per_task: int = 48
-    """Valid clips decoded per task at each evaluation (the valid split is small; the test split is for the end)."""
-    max_new_tokens: int = 40
-    batch_size: int = 24
-
-
-@dataclass
-class CTCConfig:
-    weight: float = 0.0
-    """Weight of an auxiliary character CTC loss on the Whisper encoder's output for ASR clips (0 = off).
-
-    A training aid for encoders trained from scratch (the toy teacher): hybrid CTC/attention training (as in
-    ESPnet) grounds the encoder in the audio far sooner than the LLM's loss alone. The head is dropped at save.
-    """
-    alphabet: str = "abcdefghijklmnopqrstuvwxyz '"
-    pretrain_steps: int = 0
-    """Before SALMONN training, train the Whisper encoder alone with this CTC loss on the ASR clips for this many
-    steps: the toy's stand-in for Whisper's own supervised pretraining (SALMONN starts from a trained Whisper).
-    An encoder-only step costs a fraction of a full one, so this is where a from-scratch encoder learns fastest."""
-    pretrain_lr: float = 2.0e-3
-    pretrain_min_lr_ratio: float = 0.05
-    """End of the pretraining's cosine decay, as a fraction of `pretrain_lr` (1.0 = constant after warm-up)."""
-    freeze_after_pretrain: bool = False
-    """Freeze the pretrained Whisper encoder for SALMONN training, as SALMONN does with its Whisper: the LLM then
-    learns on stable acoustic features, and every step skips the encoder's backward pass. The CTC term is dropped
-    then (it could only move its own head)."""
-    qformer_weight: float = 0.0
-    """Weight of an auxiliary CTC loss on the Q-Former outputs for ASR clips, over the LLM tokenizer's ids of the
-    transcript (0 = off; the head is dropped at save). A from-scratch LLM learns its language model long before it
-    learns to read the audio tokens, and then ignores them; this term makes every window's query carry the words
-    under it from the first step, in order (CTC-trained connectors, as in CTC-compressed LLM ASR). It needs more
-    windows than tokens: with ~3 words per second, windows of 1/6 s (`model.qformer.second_per_window`)."""
 
 
 @dataclass
@@ -153,15 +117,8 @@ class JobConfig:
 
 
 def load_split(cfg: JobConfig, split: str):
-    """The split scanned (and cleaned), from the feature store when one is set; the train split augmented as
-    `data.augment` says. Its data report goes to `<output_dir>/data_report_<split>.json`."""
-    dataset = scan_split(cfg.data, cfg.features, split, cfg.output_dir)
-    if cfg.feature_store:
-        dataset = with_feature_store(dataset, cfg.features, cfg.feature_store, split)
-    if split == "train":
-        dataset = with_augmentation(dataset, cfg.data.augment, cfg.loop.seed)
-        dataset.report.save(Path(cfg.output_dir) / f"data_report_{split}.json")  # with the augmentation's settings
-    return dataset
+    """`common.splits.load_split` with this job's data, features, feature store, output folder and seed."""
+    return load_data_split(cfg.data, cfg.features, split, cfg.output_dir, cfg.feature_store, cfg.loop.seed)
 
 
 def ensure_tokenizer(cfg: JobConfig, train) -> None:
@@ -177,75 +134,6 @@ def ensure_tokenizer(cfg: JobConfig, train) -> None:
     tokenizer = train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.style)
     tokenizer.save_pretrained(llm.tokenizer)
     print(f"trained a {cfg.tokenizer.style} BPE tokenizer ({len(tokenizer)} tokens) → {llm.tokenizer}")
-
-
-class WithCTC(nn.Module):
-    """A SALMONN plus a character CTC head on its Whisper encoder output (`[batch, frames, d_model]`)."""
-
-    def __init__(self, model, cfg: CTCConfig):
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        self.head = nn.Linear(model.speech_encoder.config.d_model, len(cfg.alphabet) + 1)  # index 0 = blank
-        self.index = {c: i + 1 for i, c in enumerate(cfg.alphabet)}
-        self._speech: list[torch.Tensor] = []  # the encoder's last output only
-        self.aligner: nn.Module | None = None  # audio-token alignment as an auxiliary term (AlignConfig.weight)
-        self.align_weight = 0.0
-        model.speech_encoder.layer_norm.register_forward_hook(self._keep)
-        if cfg.qformer_weight:
-            self.qformer_head = nn.Linear(model.qformer.cfg.hidden_size, len(model.tokenizer) + 1)  # 0 = blank
-
-    def _keep(self, module, args, output) -> None:
-        self._speech[:] = [output]
-
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.model(batch, target_logits_only=True)
-        terms = {"llm": out.loss}
-        rows = [i for i, task in enumerate(batch["tasks"]) if task == "asr"]
-        terms["loss"] = out.loss
-        if rows and self.cfg.weight:
-            terms["ctc"] = self.ctc_loss(self._speech[-1], batch, rows)
-            terms["loss"] = terms["loss"] + self.cfg.weight * terms["ctc"]
-        if rows and self.cfg.qformer_weight:
-            terms["qformer_ctc"] = self.qformer_ctc_loss(out.qformer_out, batch, rows)
-            terms["loss"] = terms["loss"] + self.cfg.qformer_weight * terms["qformer_ctc"]
-        if self.aligner is not None:
-            terms["align"] = self.aligner(batch, out.qformer_out)["loss"]
-            terms["loss"] = terms["loss"] + self.align_weight * terms["align"]
-        return terms
-
-    def qformer_ctc_loss(self, queries: torch.Tensor, batch: dict, rows: list[int]) -> torch.Tensor:
-        """CTC of the transcript's LLM token ids over each clip's windows (`queries` `[batch, windows, dim]`)."""
-        tok = self.model.tokenizer
-        targets = [torch.tensor(tok(batch["texts"][i], add_special_tokens=False)["input_ids"]) + 1 for i in rows]
-        frames = ((batch["mel_frames"][rows] + 1) // 2).tolist()
-        windows = torch.tensor([min(num_windows(f, self.model.qformer.cfg), queries.shape[1]) for f in frames])
-        log_probs = self.qformer_head(queries[rows]).float().log_softmax(-1).transpose(0, 1)  # [windows, rows, V+1]
-        return F.ctc_loss(log_probs, torch.cat(targets), windows, torch.tensor([len(t) for t in targets]),
-                          zero_infinity=True)
-
-    def ctc_loss(self, speech: torch.Tensor, batch: dict, rows: list[int]) -> torch.Tensor:
-        targets = [torch.tensor([self.index[c] for c in batch["texts"][i].lower() if c in self.index]) for i in rows]
-        frames = torch.clamp((batch["mel_frames"][rows] + 1) // 2, max=speech.shape[1])
-        log_probs = self.head(speech[rows]).float().log_softmax(-1).transpose(0, 1)  # [frames, rows, classes]
-        return F.ctc_loss(log_probs, torch.cat(targets), frames, torch.tensor([len(t) for t in targets]),
-                          zero_infinity=True)
-
-
-class EncoderCTC(nn.Module):
-    """The Whisper encoder and the CTC head of a `WithCTC`, trained alone (encoder pretraining)."""
-
-    def __init__(self, with_ctc: WithCTC):
-        super().__init__()
-        self.encoder = with_ctc.model.speech_encoder
-        self.head = with_ctc.head
-        self._owner = [with_ctc]
-
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        speech = run_whisper_encoder(self.encoder, crop_mel(batch) if self._owner[0].model.pad_to_longest
-                                     else batch["mel"])
-        loss = self._owner[0].ctc_loss(speech, batch, list(range(len(batch["texts"]))))
-        return {"loss": loss, "ctc": loss.detach()}
 
 
 LATER_SECTIONS = {
@@ -284,43 +172,9 @@ def pretrain_encoder(cfg: JobConfig, trainer: WithCTC, train, out_dir: Path) -> 
             out_dir / "encoder_pretrain", logger, run_key=phase_key(cfg, "encoder_pretrain"))
 
 
-def with_cached_encoders(model: Salmonn, dataset, features: FeatureConfig, store_dir: str, name: str):
-    """`dataset` whose items carry the outputs of `model`'s frozen encoders, each encoder's computed once into its
-    own file under `store_dir` (so a change of BEATs does not recompute Whisper's)."""
-    keys = model.cacheable_encoders()
-    if not keys:
-        raise SystemExit("config error: encoder_store is set but no encoder's outputs can be cached: freeze an encoder "
-                         "(model.whisper.freeze, model.beats.freeze); Whisper also needs whisper.per_clip: true or "
-                         "whisper.pad_to_longest: false "
-                         "and BEATs model.qformer.trim_to_audio: true (otherwise a clip's output depends on its batch)")
-    model.eval()
-    device = next(model.parameters()).device
-    for key in keys:
-
-        def encode(batch: dict, key: str = key) -> dict[str, list[torch.Tensor]]:
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            return {k: [t.cpu() for t in v] for k, v in model.encoder_outputs(batch, [key]).items()}
-
-        dataset = with_encoder_outputs(dataset, encode, model.encoder_fingerprint([key]), features, store_dir,
-                                       f"{name}-{key}")
-        print(f"{name}: cached {key} from {dataset.path}")
-    return dataset
-
-
 def validator(cfg: JobConfig, valid, out_dir: Path):
-    """Decode part of the valid split and score it with the evaluation code (WER, CIDEr-D)."""
-    from evaluation.run import GenerationConfig, quality
-    from evaluation.run import JobConfig as EvalConfig
-
-    v = cfg.validation
-    eval_cfg = EvalConfig(max_clips_per_task=v.max_clips_per_task, batch_size=v.batch_size,
-                          generation=GenerationConfig(max_new_tokens=v.max_new_tokens))
-
-    def evaluate(model, step: int) -> dict[str, float]:
-        metrics, _, _ = quality(model, valid, eval_cfg, out_dir / f"step_{step:07d}", None)
-        return {f"eval/{k}": float(metrics[k]) for k in ("wer", "cer", "cider_d", "bleu_4") if k in metrics}
-
-    return evaluate
+    """`teacher.validation.validator` on this job's `validation` section."""
+    return valid_scorer(cfg.validation, valid, out_dir)
 
 
 def answers_only_phase(cfg: JobConfig, trainer: WithCTC, train, valid, sampler, collate, name: str,

@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,9 @@ from common.training import fit
 from teacher.qformer import num_windows
 from teacher.salmonn import Salmonn, speech_frames
 
-if TYPE_CHECKING:
-    from teacher.train import JobConfig
+TeacherJob = Any
+"""`teacher.train`'s JobConfig, which imports this module (so it is not imported here): the phases below read its
+`data`, `loop`, `optim`, `log_dir`, `model` and their own section (`beats_pretrain`, `align`, `lm_pretrain`)."""
 
 
 @dataclass
@@ -162,7 +163,7 @@ def tagging_scores(tagger: BeatsTagger, dataset, rows: list[int], targets: dict[
             "tag_map_chance": float(positive[:, tags].float().mean(0).mean()) if tags else 0.0}
 
 
-def pretrain_beats(cfg: JobConfig, model: Salmonn, train, valid, out_dir: Path, run_key: str) -> None:
+def pretrain_beats(cfg: TeacherJob, model: Salmonn, train, valid, out_dir: Path, run_key: str) -> None:
     """Train BEATs alone as a caption-word tagger on the captioning clips (checkpointed and resumable), then set
     it trainable or frozen as `model.beats.freeze` says."""
     if model.audio_encoder is None:
@@ -262,7 +263,7 @@ def alignment_precision(aligner: AudioTokenAligner, dataset, rows: list[int], ba
     return ours / max(1, n), base / max(1, n)
 
 
-def align_audio_tokens(cfg: JobConfig, model: Salmonn, train, valid, out_dir: Path,
+def align_audio_tokens(cfg: TeacherJob, model: Salmonn, train, valid, out_dir: Path,
                        run_key: str) -> AudioTokenAligner:
     """Train the Q-Former and projection alone to point the audio tokens at their targets' token embeddings
     (checkpointed and resumable), on the training data as given (cached encoder outputs when there are)."""
@@ -368,7 +369,7 @@ def lm_loss(lm: PromptedLM, texts: TextTargets, batch_size: int) -> float:
     return total / max(1, tokens)
 
 
-def pretrain_llm(cfg: JobConfig, model: Salmonn, train, valid, out_dir: Path, run_key: str) -> dict[str, float]:
+def pretrain_llm(cfg: TeacherJob, model: Salmonn, train, valid, out_dir: Path, run_key: str) -> dict[str, float]:
     """Train the LLM's base weights alone as a prompted LM of the training targets (checkpointed and resumable), then
     restore which LLM parameters train (LoRA adapters, or the base as `model.llm.freeze` says). Returns the valid LM
     loss before and after (`{"lm_loss_before", "lm_loss_after"}`, nats per token)."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from evaluation.interface import AudioLanguageModel, Batch
+from common.model import AudioLanguageModel, Batch
 
 PROMPT_TEMPLATE = "USER: <Speech><SpeechHere></Speech> {}\nASSISTANT:"
 

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from evaluation.asr_metrics import ENGLISH_SPELLING_PATH, asr_scores, normalize_transcript
+from common.asr_metrics import ENGLISH_SPELLING_PATH, asr_scores, normalize_transcript
 
 
 def test_corpus_counts_substitutions_deletions_insertions():
@@ -82,6 +82,6 @@ def test_bad_inputs_are_errors():
 
 
 def test_spelling_map_is_whispers():
-    # sha256 of whisper/normalizers/english.json in openai-whisper 20250625 (see evaluation/data/README.md).
+    # sha256 of whisper/normalizers/english.json in openai-whisper 20250625 (see common/data/README.md).
     digest = hashlib.sha256(ENGLISH_SPELLING_PATH.read_bytes()).hexdigest()
     assert digest == "6607f948be9824d2e1b2fa2223cd94c06c45afa4e05ea0e3d5e1f2bdffde2465"

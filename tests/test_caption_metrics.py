@@ -9,7 +9,7 @@ from pathlib import Path
 import aac_metrics.utils.checks as aac_checks
 import pytest
 
-from evaluation.caption_metrics import (
+from common.caption_metrics import (
     METRICS,
     PYCOCOEVALCAP_JARS,
     JavaRuntime,

@@ -9,7 +9,7 @@ import torch
 from tiny_salmonn import write_teacher_folder
 
 from common.tracking import read_metrics
-from distill.train import TrainingStage, anneal_scale, answer_rows, stage_setter
+from distill.distiller import TrainingStage, anneal_scale, answer_rows, stage_setter
 from distill.train import main as distill_main
 from student.build import load_student_folder
 from teacher.cache import main as cache_main
@@ -157,7 +157,7 @@ def test_step_bench_reports_a_ratio(setup, tmp_path):
 
 
 def test_kd_on_some_tasks_leaves_the_others_to_ce(setup, tmp_path, monkeypatch):
-    import distill.train as train_module
+    import distill.distiller as train_module
     from distill.feature_kd import FeatureKD, HiddenStateKD
 
     calls, masks = [], {"feature": [], "hidden": []}

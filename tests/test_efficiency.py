@@ -14,19 +14,8 @@ from standins import StandInConfig, StandInModel, make_clip
 from torch import nn
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-from evaluation.efficiency import (
-    RATIO_KEYS,
-    EfficiencyConfig,
-    PeakMemoryMeter,
-    compare,
-    count_parameters,
-    measure,
-    summarize,
-    tensor_bytes,
-    weight_bytes,
-)
-from evaluation.interface import AudioLanguageModel, batch_size_of, concat_batches
-from evaluation.results import (
+from common.model import AudioLanguageModel, batch_size_of, concat_batches
+from common.results import (
     METRIC_KEYS,
     build_results,
     efficiency_metrics,
@@ -34,6 +23,15 @@ from evaluation.results import (
     load_results,
     validate_results,
     write_results,
+)
+from common.sizes import count_parameters, tensor_bytes, weight_bytes
+from evaluation.efficiency import (
+    RATIO_KEYS,
+    EfficiencyConfig,
+    PeakMemoryMeter,
+    compare,
+    measure,
+    summarize,
 )
 
 TEACHER_CONFIG = StandInConfig(encoder_layers=3, llm_dim=64, llm_layers=3)

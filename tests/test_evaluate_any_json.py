@@ -12,7 +12,7 @@ import torch
 from tiny_salmonn import write_teacher_folder
 
 from common.annotations import DataError
-from evaluation.results import load_results
+from common.results import load_results
 from evaluation.run import main as evaluate_main
 
 torch.set_num_threads(1)

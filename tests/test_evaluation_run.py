@@ -8,10 +8,10 @@ import soundfile as sf
 import torch
 from tiny_salmonn import write_teacher_folder
 
+from common.results import ANALYTIC_KEYS, METRIC_KEYS, load_results
+from common.scoring import select_clips
 from evaluation.efficiency import EfficiencyConfig
-from evaluation.results import ANALYTIC_KEYS, METRIC_KEYS, load_results
 from evaluation.run import main as evaluate_main
-from evaluation.run import select_clips
 
 torch.set_num_threads(1)
 

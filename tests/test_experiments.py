@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments.ablation import RATIOS, JobConfig, Row, StageRun, mean_std, plan_row, row_seeds, write_tables
+from experiments.ablation import JobConfig, Row, StageRun, plan_row, row_seeds, write_tables
 from experiments.figures import loss_terms, pareto_front
+from experiments.table import RATIOS, mean_std
 
 
 def write_preset(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from evaluation.results import load_results
+from common.results import load_results
 
 ROOT = Path(__file__).resolve().parents[1]
 # Limits that stop a hung stage, not a slow one: alone on 2 cores the whole suite, these runs included, took about

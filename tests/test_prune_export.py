@@ -9,7 +9,7 @@ from safetensors import safe_open
 from tiny_student import training_batch, write_student_folder
 from transformers import AutoModelForCausalLM
 
-from evaluation.results import build_results, write_results
+from common.results import build_results, write_results
 from prune.export import BRIDGE, ENCODERS, load_export
 from prune.export import main as export_main
 from prune.structured import main as prune_main

@@ -17,13 +17,13 @@ from tiny_student import build_tiny_student, training_batch, write_clips, write_
 from transformers import AutoModelForCausalLM, Gemma2Config
 
 from common.config import load_job_config
+from prune.skeleton import merge_lora
 from prune.structured import (
     Ratios,
     calibrate,
     check_recovery_warmup,
     describe,
     kept_channels,
-    merge_lora,
     target_widths,
 )
 from prune.structured import main as prune_main

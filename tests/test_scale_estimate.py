@@ -20,7 +20,7 @@ from transformers import (
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from common.bpe import train_bpe
-from evaluation.efficiency import weight_bytes
+from common.sizes import weight_bytes
 from scale import estimate
 from scale.architectures import ArchitectureError, build_meta, llm_config, whisper_config
 from scale.estimate import (

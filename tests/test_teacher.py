@@ -6,8 +6,9 @@ from tiny_salmonn import tiny_batch, write_official_layout
 
 from common.dataset import AudioTextCollator
 from teacher.build import CheckpointError, build_salmonn, load_whisper_encoder
-from teacher.checkpoint import load_model_folder, official_to_ours, ours_to_official, save_model_folder
+from teacher.checkpoint import load_model_folder, save_model_folder
 from teacher.inspect import main as inspect_main
+from teacher.official import official_to_ours, ours_to_official
 from teacher.qformer import QFormerConfig, WindowQFormer, num_windows, split_windows
 from teacher.salmonn import crop_mel, run_whisper_encoder, whisper_any_length
 

@@ -4,7 +4,7 @@
     python -m toybench.listen --predictions runs/eval/teacher/predictions.jsonl --name teacher
 
 A benchmark we generate is only as good as its independent check: speech that a pretrained recognizer cannot
-hear is noise, not difficulty. This scores a split's ASR clips with smolt's corpus WER (`evaluation.asr_metrics`,
+hear is noise, not difficulty. This scores a split's ASR clips with smolt's corpus WER (`common.asr_metrics`,
 Whisper's English normalizer) overall and per bucket of the generation metadata (`<data>/meta/asr_<split>.json`):
 voice family, espeak-ng base and variant, flite voice, speaking rate, pitch and noise.
 
@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from evaluation.asr_metrics import asr_scores
+from common.asr_metrics import asr_scores
 from toybench import tts
 from toybench.config import ToyBenchConfig
 
@@ -291,7 +291,7 @@ def render_report(results: Sequence[dict]) -> str:
     """LISTENER.md: per split, the bucket table of every listener, the commands, and the unheard buckets."""
     parts = ["""# Independent listener
 
-Corpus WER (Whisper English normalizer, `evaluation.asr_metrics`) of independent listeners on this benchmark's
+Corpus WER (Whisper English normalizer, `common.asr_metrics`) of independent listeners on this benchmark's
 ASR clips, overall and per bucket of the generation metadata (`meta/asr_<split>.json`); each cell is
 "WER (clips)". Rate and pitch buckets are thirds of the sampled position in [0, 1] (mapped onto each engine's
 setting as shown); noise buckets are thirds of the SNR range; flite's rms ignores the pitch setting and has no
