@@ -25,13 +25,10 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from common.errors import ConfigError
 from common.hub import resolved_from
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override does not match its schema. The message says where and how to fix it."""
 
 
 def _closest(name: str, valid: list[str]) -> str:
@@ -185,7 +182,12 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def job_name(cls: type) -> str:
-    """The module that runs a job config class (its real name also when run as `python -m module`)."""
+    """The module that runs a job config class (its real name also when run as `python -m module`): the class's
+    `job` ClassVar when it has one (a config that lives in a library module, read by several commands), else the
+    module that defines it."""
+    declared = getattr(cls, "job", None)  # a `ClassVar[str]`; no job config has a `job` key
+    if isinstance(declared, str):
+        return declared
     if cls.__module__ == "__main__":
         import sys
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from experiments.ablation import JobConfig, Row, StageRun, plan_row, row_seeds, write_tables
+from experiments.ablation import plan_row, row_seeds
+from experiments.ablation_config import JobConfig, Row, StageRun
 from experiments.figures import loss_terms, pareto_front
-from experiments.table import RATIOS, mean_std
+from experiments.table import RATIOS, mean_std, write_tables
 
 
 def write_preset(tmp_path):
