@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import run
-from common.config import mark_stage_done, parse_cli, stage_is_current
+from common.config import config_hash, mark_stage_done, parse_cli, stage_is_current
 from common.dataset import AudioTextCollator, DataConfig, scan_split
 from common.device import InferenceDtype, place_for_inference
 from common.feature_store import with_feature_store
@@ -39,7 +39,6 @@ from teacher.cache_store import (
     CacheIdentity,
     CacheReader,
     CacheWriter,
-    config_hash,
 )
 from teacher.checkpoint import load_model_folder
 from teacher.encoder_store import with_cached_encoders

@@ -157,11 +157,6 @@ class CacheStats:
                 f"{self.sparse_bytes_per_token:.1f} B/token sparse")
 
 
-def config_hash(config: Mapping) -> str:
-    """sha256 of a config's canonical JSON (sorted keys), so equal configs hash equal whatever their key order."""
-    return hashlib.sha256(_canonical_json(config).encode()).hexdigest()
-
-
 def tokenizer_identity(name: str, vocab: Mapping[str, int], encoding: str | None = None) -> dict:
     """`{"name", "vocab_size", "vocab_sha256"}` for a tokenizer's `get_vocab()`, plus `"encoding"` when given (e.g.
     `teacher.tokenizer.encoding_identity`: the same vocabulary can encode text differently); the writer and the

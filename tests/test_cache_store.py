@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import teacher.cache_store as cache_store
+from common.config import config_hash
 from teacher.cache_store import (
     CachedSample,
     CacheError,
     CacheIdentity,
     CacheReader,
     CacheWriter,
-    config_hash,
     shard_name,
     sidecar_name,
     tokenizer_identity,
