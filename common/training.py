@@ -86,7 +86,7 @@ class TrainState:
     best_value: float | None = None
     best_step: int | None = None
     run_key: str = ""
-    """What the run was started from (e.g. `common.config.stage_key`): a checkpoint of another key is not resumed."""
+    """What the run was started from (e.g. `common.stages.stage_key`): a checkpoint of another key is not resumed."""
 
 
 def seed_everything(seed: int) -> None:

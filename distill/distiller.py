@@ -20,17 +20,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from common.config import (
-    added_option,
-    mark_stage_done,
-    save_resolved,
-    stage_is_current,
-    stage_key,
-)
+from common.config import added_option, save_resolved
 from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler, first_clip_indices
 from common.feature_store import SubsetView
 from common.features import FeatureConfig
 from common.splits import load_split
+from common.stages import mark_stage_done, stage_is_current, stage_key
 from common.tracking import MetricLogger
 from common.training import (
     LoopConfig,

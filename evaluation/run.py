@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common.cli import run
-from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
+from common.config import parse_cli, save_resolved
 from common.decode import decode as decode_clips
 from common.model import AudioLanguageModel
 from common.results import (
@@ -33,6 +33,7 @@ from common.results import (
     write_results,
 )
 from common.scoring import score_clips
+from common.stages import EVALUATED, clear_marker, mark_stage_done, stage_is_current
 from evaluation.efficiency import compare, ratios, release_memory
 from evaluation.job import JobConfig, efficiency_clips, evaluation_inputs, load_model, load_test_split
 
@@ -69,24 +70,19 @@ def comparison_table(results: dict[str, dict], ratios: dict[str, dict], referenc
                       "the measured TPOT over decode bytes / the machine's measured memory bandwidth.", "", *lines])
 
 
-DONE_MARKER = "EVALUATED"
-"""The file that marks a finished evaluation in its output folder, with the key of its config and inputs (not `DONE`:
-`experiments.ablation` keeps its own marker of that name in the evaluation folders it plans)."""
-
-
 def main(argv: list[str] | None = None) -> dict:
     cfg, force = parse_cli(JobConfig, argv)
     if not cfg.models:
         raise SystemExit("config error: `models` is empty; list at least one {name, loader, path}")
     out_root = Path(cfg.output_dir)
     inputs = evaluation_inputs(cfg)
-    if stage_is_current(cfg, out_root, DONE_MARKER, inputs) and not force:
+    if stage_is_current(cfg, out_root, EVALUATED, inputs) and not force:
         print(f"evaluation up to date: {out_root} (use --force to evaluate again)")
         print((out_root / "table.md").read_text(), end="")
         return {ref.name: load_results(out_root / ref.name / "results.json") for ref in cfg.models}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    (out_root / DONE_MARKER).unlink(missing_ok=True)  # written again, last, when every result is in place
+    clear_marker(out_root, EVALUATED)  # written again, last, when every result is in place
     save_resolved(cfg, out_root)
     dataset = load_test_split(cfg)
     cache_dir = Path(cfg.caption_cache_dir) if cfg.caption_cache_dir else None
@@ -134,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = comparison_table(all_results, report["ratios"], report["reference"])
     (out_root / "table.md").write_text(table + "\n")
     print(table)
-    mark_stage_done(cfg, out_root, DONE_MARKER, inputs)
+    mark_stage_done(cfg, out_root, EVALUATED, inputs)
     return all_results
 
 

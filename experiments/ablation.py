@@ -26,8 +26,6 @@ if __name__ == "__main__":  # before the heavy imports below: answer --help from
 
     before_imports()
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -41,6 +39,7 @@ from pathlib import Path
 
 from common.cli import run
 from common.config import ConfigError, config_hash, load_job_config, parse_cli, read_yaml, save_resolved
+from common.stages import ABLATION_DONE, DONE, input_stamp, is_marked, stage_lock, write_marker
 from common.tracking import LOG_OWNER
 from experiments.ablation_config import STAGE_IO, JobConfig, Row, StageRun
 from experiments.table import QUALITY, RATIOS, write_tables
@@ -58,16 +57,11 @@ def _digest(*parts: object) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _inputs(overrides: list[str]) -> list:
-    """Stamps (names, sizes, mtimes) of the existing files and folders that literal `key=path` overrides name, so a
+def _inputs(overrides: list[str]) -> list[str]:
+    """`common.stages.input_stamp` of the existing files and folders that literal `key=path` overrides name, so a
     stage started from a model outside the ablation (`model=outputs/toy/student/model`) reruns when it changes."""
-    stamps = []
-    for item in overrides:
-        value = Path(item.partition("=")[2])
-        if item.partition("=")[2] and value.exists():
-            stamps.append(teacher_identity(str(value)) if value.is_dir()
-                          else [str(value), value.stat().st_size, value.stat().st_mtime_ns])
-    return stamps
+    paths = [item.partition("=")[2] for item in overrides]
+    return [input_stamp(path) for path in paths if path and Path(path).exists()]
 
 
 def stage_job(cfg: JobConfig, stage: StageRun) -> tuple[str, Path]:
@@ -161,10 +155,9 @@ def plan_eval(cfg: JobConfig, row: Row, model: Path, is_teacher: bool) -> tuple[
 def evaluate_model(cfg: JobConfig, row: Row, model: Path, is_teacher: bool) -> tuple[dict, dict, list[str]]:
     """Score one model (quality, and efficiency against the teacher in the same process): (results, ratios, cmd)."""
     out, command = plan_eval(cfg, row, model, is_teacher)
-    done = out / "DONE"
-    if not _finished(done, command):
+    if not is_marked(out, shlex.join(command), DONE):
         run_logged(command, out.with_suffix(".log"), f"evaluation of '{row.name}' ({model})")
-        done.write_text(shlex.join(command))
+        write_marker(out, shlex.join(command), DONE)
     results = json.loads((out / "model" / "results.json").read_text())
     ratios = json.loads((out / "comparison.json").read_text())["ratios"]["model"]
     return results, ratios, command
@@ -178,10 +171,6 @@ def row_seeds(cfg: JobConfig, row: Row) -> list[int]:
 
 def is_teacher_row(cfg: JobConfig, row: Row) -> bool:
     return not row.stages and Path(row.path).resolve() == Path(cfg.teacher.path).resolve()
-
-
-def _finished(marker: Path, command: list[str]) -> bool:
-    return marker.is_file() and marker.read_text() == shlex.join(command)
 
 
 def report_status(cfg: JobConfig, rows: list[Row]) -> dict[str, int]:
@@ -200,7 +189,7 @@ def report_status(cfg: JobConfig, rows: list[Row]) -> dict[str, int]:
             planned, model = plan_row(cfg, row, seed)
             states = []
             for stage in planned:
-                if _finished(stage.output_dir / "ABLATION_DONE", stage.command):
+                if is_marked(stage.output_dir, shlex.join(stage.command), ABLATION_DONE):
                     state = "done"
                 elif stage.output_dir.exists():
                     state = "started"
@@ -218,7 +207,7 @@ def report_status(cfg: JobConfig, rows: list[Row]) -> dict[str, int]:
             evaluated = False
             if Path(model).exists():
                 out, command = plan_eval(cfg, row, Path(model), is_teacher_row(cfg, row))
-                evaluated = _finished(out / "DONE", command)
+                evaluated = is_marked(out, shlex.join(command), DONE)
             counts["evals_done"] += evaluated
             states.append("evaluation " + ("done" if evaluated else "to run"))
             print(f"  seed {seed}: " + " · ".join(states))
@@ -238,7 +227,7 @@ def adoptable(cfg: JobConfig, stage: PlannedStage) -> Path | None:
     """The first finished folder of this very stage in one of `cfg.reuse_from`, if any."""
     for other in cfg.reuse_from:
         source = Path(other) / "stages" / stage.output_dir.name
-        marker = source / "ABLATION_DONE"
+        marker = source / ABLATION_DONE
         if source.resolve() != stage.output_dir.resolve() and marker.is_file() and \
                 _split_paths(shlex.split(marker.read_text()))[0] == _split_paths(stage.command)[0]:
             return source
@@ -249,7 +238,7 @@ def adopt(stage: PlannedStage, source: Path) -> None:
     """Copy a finished stage folder of another table into `stage.output_dir`, with its log and TensorBoard folder,
     and point its bookkeeping here: every `config.yaml` the job wrote is written again for this folder's resolved
     config, and every `DONE` marker gets that config's hash (the input stamps after it stay: same inputs)."""
-    source_command = shlex.split((source / "ABLATION_DONE").read_text())
+    source_command = shlex.split((source / ABLATION_DONE).read_text())
     source_paths = _split_paths(source_command)[1]
     source_cfg = load_job_config(stage.config, source_command[5:])
     mine = load_job_config(stage.config, stage.overrides)
@@ -259,10 +248,10 @@ def adopt(stage: PlannedStage, source: Path) -> None:
     for path in tmp.rglob("config.yaml"):
         if path.read_text().startswith(f"# resolved config, hash {old_hash}\n"):
             save_resolved(mine, path.parent)
-    for path in tmp.rglob("DONE"):
+    for path in tmp.rglob(DONE):
         parts = path.read_text().split()
         if parts and parts[0] == old_hash:
-            path.write_text(" ".join([new_hash, *parts[1:]]) + "\n")
+            write_marker(path.parent, " ".join([new_hash, *parts[1:]]), DONE)
     if source.with_suffix(".log").is_file():
         shutil.copy2(source.with_suffix(".log"), stage.output_dir.with_suffix(".log"))
     source_logs = next((a.partition("=")[2] for a in source_paths if a.startswith("log_dir=")), "")
@@ -272,24 +261,15 @@ def adopt(stage: PlannedStage, source: Path) -> None:
         for owner in Path(my_logs).rglob(LOG_OWNER):  # it names the source's output folder, not this one: the copies
             owner.unlink()  # are unclaimed, kept by a resume here and moved aside (not deleted) by a fresh start
     (tmp / "ADOPTED_FROM").write_text(f"{source}\n")
-    (tmp / "ABLATION_DONE").write_text(shlex.join(stage.command))
+    write_marker(tmp, shlex.join(stage.command), ABLATION_DONE)
     tmp.rename(stage.output_dir)
 
 
-@contextlib.contextmanager
 def _lock(cfg: JobConfig, path: Path):
-    """Hold the lock of one stage folder or model (an flock on a file under `<output_dir>/locks/`): two row seeds
-    that share a stage (the pruning rows start from the recipe's students) wait for each other, and the second
-    reuses what the first made, whether they run in threads of one process (`jobs`) or in two processes (`only=`)."""
-    locks = Path(cfg.output_dir) / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    name = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:16]
-    with open(locks / f"{name}.lock", "w") as handle:  # an open file description of its own: threads exclude too
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """`common.stages.stage_lock` of one stage folder or model under `<output_dir>/locks/`: two row seeds that share
+    a stage (the pruning rows start from the recipe's students) wait for each other, and the second reuses what the
+    first made, whether they run in threads of one process (`jobs`) or in two processes (`only=`)."""
+    return stage_lock(Path(cfg.output_dir) / "locks", path)
 
 
 def run_seed(cfg: JobConfig, row: Row, seed: int) -> dict:
@@ -297,8 +277,7 @@ def run_seed(cfg: JobConfig, row: Row, seed: int) -> dict:
     planned, model = plan_row(cfg, row, seed)
     for stage in planned:
         with _lock(cfg, stage.output_dir):
-            marker = stage.output_dir / "ABLATION_DONE"
-            if _finished(marker, stage.command):
+            if is_marked(stage.output_dir, shlex.join(stage.command), ABLATION_DONE):
                 print(f"  [{row.name} | seed {seed}] reuse {stage.output_dir}", flush=True)
             elif not stage.output_dir.exists() and (source := adoptable(cfg, stage)) is not None:
                 print(f"  [{row.name} | seed {seed}] adopt {source} → {stage.output_dir}", flush=True)
@@ -306,7 +285,7 @@ def run_seed(cfg: JobConfig, row: Row, seed: int) -> dict:
             else:
                 print(f"  [{row.name} | seed {seed}] {shlex.join(stage.command)}", flush=True)
                 run_logged(stage.command, stage.output_dir.with_suffix(".log"), f"row '{row.name}' seed {seed}")
-                marker.write_text(shlex.join(stage.command))
+                write_marker(stage.output_dir, shlex.join(stage.command), ABLATION_DONE)
     with _lock(cfg, model):
         results, ratios, eval_command = evaluate_model(cfg, row, model, is_teacher=is_teacher_row(cfg, row))
     values = {k: results.get(k) for k in QUALITY}

@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 
 from common.cli import run
-from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
+from common.config import parse_cli, save_resolved
 from common.sizes import weight_bytes
+from common.stages import mark_stage_done, stage_is_current
 from prune.int8 import Scheme, linear_names, llm_logits, load_int8_folder, quantize_modules, save_int8_folder
 from prune.skeleton import merge_lora, read_salmonn_config
 from student.build import load_student_folder

@@ -33,18 +33,12 @@ import numpy as np
 import torch
 
 from common.cli import run
-from common.config import (
-    ConfigError,
-    load_job_config,
-    mark_stage_done,
-    parse_cli,
-    save_resolved,
-    stage_is_current,
-)
+from common.config import ConfigError, load_job_config, parse_cli, save_resolved
 from common.dataset import AudioTextCollator
 from common.device import resolve_device
 from common.model import move_batch
 from common.sizes import count_parameters
+from common.stages import mark_stage_done, stage_is_current
 from common.training import seed_everything
 from distill.distiller import DistillConfig, build_distiller, load_transfer_set, run_distillation
 from prune.skeleton import merge_lora, read_salmonn_config

@@ -26,8 +26,9 @@ from pathlib import Path
 import yaml
 
 from common.cli import run
-from common.config import mark_stage_done, parse_cli, stage_is_current, to_dict
+from common.config import parse_cli, to_dict
 from common.hub import local_folder
+from common.stages import mark_stage_done, stage_is_current
 from teacher.build import CheckpointError, SalmonnConfig
 from teacher.checkpoint import MODEL_CONFIG, load_model_folder
 

@@ -15,11 +15,10 @@ from common.config import (
     from_dict,
     load_config,
     load_job_config,
-    mark_stage_done,
     parse_cli,
     save_resolved,
-    stage_is_current,
 )
+from common.stages import mark_stage_done, stage_is_current
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -374,7 +374,8 @@ def test_a_stage_finished_for_another_table_is_adopted_not_rerun(tmp_path, monke
     import shlex
 
     import experiments.ablation as ablation
-    from common.config import load_job_config, mark_stage_done, save_resolved, stage_is_current
+    from common.config import load_job_config, save_resolved
+    from common.stages import mark_stage_done, stage_is_current
 
     monkeypatch.chdir(tmp_path)
     cfg = write_preset(tmp_path)
