@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -434,6 +434,19 @@ LossFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
 EvalFn = Callable[[nn.Module, int], dict[str, float]]
 
 
+@dataclass
+class _Prepared:
+    """What `fit` steps: the model and optimizer as accelerate prepared them (the model wrapped for DDP, or a
+    DeepSpeed engine), their scheduler and fp16 scaler."""
+
+    accelerator: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: Any
+    deepspeed: bool
+
+
 def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: LoopConfig, optim: OptimConfig,
         out_dir: Path, logger: MetricLogger, evaluate: EvalFn | None = None, accelerator=None,
         before_step: Callable[[nn.Module, int], None] | None = None, run_key: str = "") -> TrainState:
@@ -455,81 +468,123 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
             teacher); made here otherwise.
     """
     accelerator = accelerator or make_accelerator(loop)
-    device = accelerator.device
     main = accelerator.is_main_process
-    deepspeed = _is_deepspeed(accelerator)
     sampler = shard_sampler(sampler, accelerator)
-    model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas))
-    scheduler = warmup_cosine(optimizer, optim.warmup_steps, loop.max_steps, optim.min_lr_ratio)
-    if main and optim.warmup_steps >= loop.max_steps:  # e.g. a short recovery run that kept a long run's warm-up
-        print(f"warning: optim.warmup_steps={optim.warmup_steps} >= loop.max_steps={loop.max_steps}: the lr only "
-              f"warms up, ends at its peak ({optim.lr:g}) and never decays; set optim.warmup_steps below "
-              f"loop.max_steps (e.g. a tenth of it)", file=sys.stderr, flush=True)
-    if deepspeed:
-        configure_deepspeed(accelerator, loop, optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    scaler = accelerator.scaler
+    run = _prepare(model, accelerator, loop, optim)
     ckpt_dir = out_dir / "checkpoints"
-    state = TrainState(run_key=run_key)
-    latest = latest_checkpoint(ckpt_dir) if loop.resume else None
-    if latest is not None and run_key and _checkpoint_key(latest) != run_key:
-        if main:
-            print(f"{ckpt_dir}: the checkpoints there come from another config or other inputs; starting over")
-            for old in ckpt_dir.glob("step_*"):
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-        latest = None
-    if latest is not None:
-        state = load_checkpoint(latest, accelerator.unwrap_model(model), optimizer, scheduler, scaler,
-                                rank=accelerator.process_index, engine=model if deepspeed else None)
-        print(f"resumed from {latest} at step {state.step}")
+    state = _resume(run, ckpt_dir, loop, run_key)
     logger.continue_after(state.step)  # what an earlier run logged past this point would draw a second curve
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in run.model.parameters() if p.requires_grad]
     batches = _batches_from(sampler, state)
     bar = tqdm(total=loop.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=None if main else True)  # None: no bar when stderr is not a terminal
     window = {"tokens": 0, "time": time.time()}
     while state.step < loop.max_steps:
-        model.train()
+        run.model.train()
         if before_step is not None:
-            before_step(accelerator.unwrap_model(model), state.step)
-        terms_sum: dict[str, float] = {}
-        tokens = 0
-        for micro in range(loop.grad_accum):
-            epoch, index, ids = next(batches)
-            state.epoch, state.batch_in_epoch = epoch, index + 1
-            if hasattr(dataset, "set_epoch"):  # augmentation draws per (seed, epoch, item): common.augment
-                dataset.set_epoch(epoch)
-            batch = move_batch(collate([dataset[i] for i in ids]), device)
-            # DDP all-reduces gradients only after the last micro-batch of a step.
-            last_micro = micro == loop.grad_accum - 1
-            with contextlib.nullcontext() if last_micro or deepspeed else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    terms = loss_fn(model, batch)
-                if deepspeed:
-                    model.backward(terms["loss"])  # the engine divides by grad_accum and scales fp16 losses
-                    model.step()  # steps the optimizer (clipping, overflow check) only after the last micro-batch
-                else:
-                    accelerator.backward(terms["loss"] / loop.grad_accum)
-            for name, value in terms.items():
-                terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach()) / loop.grad_accum
-            if "labels" in batch:
-                tokens += int((batch["labels"] != -100).sum())
-        terms_sum, tokens = _reduce_terms(accelerator, terms_sum, tokens)
+            before_step(accelerator.unwrap_model(run.model), state.step)
+        terms, tokens = _forward_backward(run, dataset, collate, loss_fn, batches, state, loop)
         window["tokens"] += tokens
-        if deepspeed:
-            norm = model.get_global_grad_norm()
-            grad_norm = torch.tensor(float(norm) if norm is not None else float("nan"))
-            finite = math.isfinite(terms_sum["loss"]) and not optimizer.step_was_skipped
-        else:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = _grad_norm(params)
-            finite = math.isfinite(terms_sum["loss"]) and bool(torch.isfinite(grad_norm))
-        if deepspeed and finite:
-            pass  # the engine already stepped
-        elif finite:
+        grad_norm = _optimizer_step(run, params, terms["loss"], state, loop, optim)
+        state.step += 1
+        bar.update(1)
+        last = state.step == loop.max_steps
+        if state.step % loop.log_every == 0 or last:
+            _log_train(logger if main else None, state, terms, run.scheduler, grad_norm, window)
+            window = {"tokens": 0, "time": time.time()}
+        if evaluate is not None and (state.step % loop.eval_every == 0 or last):
+            _evaluate(run, evaluate, state, loop, logger)
+        if state.step % loop.save_every == 0 or last:
+            _checkpoint(accelerator, ckpt_dir, run.model, run.optimizer, run.scheduler, run.scaler, state, loop)
+    bar.close()
+    return state
+
+
+def _prepare(model: nn.Module, accelerator, loop: LoopConfig, optim: OptimConfig) -> _Prepared:
+    """AdamW over `param_groups` with warm-up + cosine, DeepSpeed's config filled in, model and optimizer prepared
+    by accelerate on its device."""
+    model.to(accelerator.device)
+    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas))
+    scheduler = warmup_cosine(optimizer, optim.warmup_steps, loop.max_steps, optim.min_lr_ratio)
+    if accelerator.is_main_process and optim.warmup_steps >= loop.max_steps:
+        # e.g. a short recovery run that kept a long run's warm-up
+        print(f"warning: optim.warmup_steps={optim.warmup_steps} >= loop.max_steps={loop.max_steps}: the lr only "
+              f"warms up, ends at its peak ({optim.lr:g}) and never decays; set optim.warmup_steps below "
+              f"loop.max_steps (e.g. a tenth of it)", file=sys.stderr, flush=True)
+    deepspeed = _is_deepspeed(accelerator)
+    if deepspeed:
+        configure_deepspeed(accelerator, loop, optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return _Prepared(accelerator, model, optimizer, scheduler, accelerator.scaler, deepspeed)
+
+
+def _resume(run: _Prepared, ckpt_dir: Path, loop: LoopConfig, run_key: str) -> TrainState:
+    """The state of the latest checkpoint in `ckpt_dir`, loaded into the model, optimizer, scheduler and scaler; a
+    fresh state when there is none, `loop.resume` is off, or the checkpoints come from a run of another key (then
+    they are deleted)."""
+    accelerator = run.accelerator
+    latest = latest_checkpoint(ckpt_dir) if loop.resume else None
+    if latest is not None and run_key and _checkpoint_key(latest) != run_key:
+        if accelerator.is_main_process:
+            print(f"{ckpt_dir}: the checkpoints there come from another config or other inputs; starting over")
+            for old in ckpt_dir.glob("step_*"):
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        latest = None
+    if latest is None:
+        return TrainState(run_key=run_key)
+    state = load_checkpoint(latest, accelerator.unwrap_model(run.model), run.optimizer, run.scheduler, run.scaler,
+                            rank=accelerator.process_index, engine=run.model if run.deepspeed else None)
+    print(f"resumed from {latest} at step {state.step}")
+    return state
+
+
+def _forward_backward(run: _Prepared, dataset, collate, loss_fn: LossFn, batches, state: TrainState,
+                      loop: LoopConfig) -> tuple[dict[str, float], int]:
+    """Forward and backward over `loop.grad_accum` micro-batches: (each loss term's mean over the micro-batches and
+    all processes, target tokens seen by all processes)."""
+    accelerator, model = run.accelerator, run.model
+    terms_sum: dict[str, float] = {}
+    tokens = 0
+    for micro in range(loop.grad_accum):
+        epoch, index, ids = next(batches)
+        state.epoch, state.batch_in_epoch = epoch, index + 1
+        if hasattr(dataset, "set_epoch"):  # augmentation draws per (seed, epoch, item): common.augment
+            dataset.set_epoch(epoch)
+        batch = move_batch(collate([dataset[i] for i in ids]), accelerator.device)
+        # DDP all-reduces gradients only after the last micro-batch of a step.
+        last_micro = micro == loop.grad_accum - 1
+        with contextlib.nullcontext() if last_micro or run.deepspeed else accelerator.no_sync(model):
+            with accelerator.autocast():
+                terms = loss_fn(model, batch)
+            if run.deepspeed:
+                model.backward(terms["loss"])  # the engine divides by grad_accum and scales fp16 losses
+                model.step()  # steps the optimizer (clipping, overflow check) only after the last micro-batch
+            else:
+                accelerator.backward(terms["loss"] / loop.grad_accum)
+        for name, value in terms.items():
+            terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach()) / loop.grad_accum
+        if "labels" in batch:
+            tokens += int((batch["labels"] != -100).sum())
+    return _reduce_terms(accelerator, terms_sum, tokens)
+
+
+def _optimizer_step(run: _Prepared, params: list[torch.Tensor], loss: float, state: TrainState, loop: LoopConfig,
+                    optim: OptimConfig) -> torch.Tensor:
+    """Clip and step on the accumulated gradients, or skip the step when the loss or the gradient norm is not finite
+    (counted in `state.bad_steps`; too many stop the run). DeepSpeed's engine clipped and stepped, or skipped,
+    inside `model.step()`. Then zero the gradients and advance the schedule. Returns the gradient norm."""
+    optimizer, scaler = run.optimizer, run.scaler
+    if run.deepspeed:
+        norm = run.model.get_global_grad_norm()
+        grad_norm = torch.tensor(float(norm) if norm is not None else float("nan"))
+        finite = math.isfinite(loss) and not optimizer.step_was_skipped
+    else:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = _grad_norm(params)
+        finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+        if finite:
             if optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
             if scaler is not None:
@@ -537,42 +592,44 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
                 scaler.update()
             else:
                 optimizer.step()
-        else:
-            state.bad_steps += 1  # under DeepSpeed the engine skipped the step and lowered its loss scale itself
-            if scaler is not None and not deepspeed:
-                scaler.update()  # lowers the loss scale, which is what usually caused the overflow
-            if state.bad_steps > loop.max_bad_steps:
-                raise RuntimeError(
-                    f"{state.bad_steps} non-finite steps (last at step {state.step}): lower optim.lr, check the data "
-                    "report, or use precision=fp32; raise loop.max_bad_steps to tolerate more")
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        state.step += 1
-        bar.update(1)
-        if state.step % loop.log_every == 0 or state.step == loop.max_steps:
-            elapsed = max(1e-9, time.time() - window["time"])
-            metrics = {f"train/{k}": v for k, v in terms_sum.items()}
-            metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
-                            "train/tokens_per_s": window["tokens"] / elapsed, "train/skipped_steps": state.bad_steps,
-                            "train/memory_mb": _memory_mb()})
-            if main:
-                logger.log(state.step, metrics)
-            window = {"tokens": 0, "time": time.time()}
-        last = state.step == loop.max_steps
-        if evaluate is not None and (state.step % loop.eval_every == 0 or last):
-            model.eval()
-            # The main process evaluates while the others wait; under ZeRO-3 every forward gathers parameters from
-            # all ranks, so there every rank runs it (recipes give the other ranks their own output folder).
-            if main or _zero_stage(accelerator) == 3:
-                results = evaluate(accelerator.unwrap_model(model), state.step)
-                if main:
-                    logger.log(state.step, results)
-                    _track_best(state, results, loop)
-            accelerator.wait_for_everyone()
-        if state.step % loop.save_every == 0 or last:
-            _checkpoint(accelerator, ckpt_dir, model, optimizer, scheduler, scaler, state, loop)
-    bar.close()
-    return state
+        elif scaler is not None:
+            scaler.update()  # lowers the loss scale, which is what usually caused the overflow
+    if not finite:
+        state.bad_steps += 1  # under DeepSpeed the engine skipped the step and lowered its loss scale itself
+        if state.bad_steps > loop.max_bad_steps:
+            raise RuntimeError(
+                f"{state.bad_steps} non-finite steps (last at step {state.step}): lower optim.lr, check the data "
+                "report, or use precision=fp32; raise loop.max_bad_steps to tolerate more")
+    optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return grad_norm
+
+
+def _log_train(logger: MetricLogger | None, state: TrainState, terms: dict[str, float], scheduler,
+               grad_norm: torch.Tensor, window: dict) -> None:
+    """Log every loss term, the lr, gradient norm, throughput since the last log (`window`: tokens, start time),
+    skipped steps and peak memory at `state.step`; `logger` None (a process other than the main one) logs nothing."""
+    elapsed = max(1e-9, time.time() - window["time"])
+    metrics = {f"train/{k}": v for k, v in terms.items()}
+    metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                    "train/tokens_per_s": window["tokens"] / elapsed, "train/skipped_steps": state.bad_steps,
+                    "train/memory_mb": _memory_mb()})
+    if logger is not None:
+        logger.log(state.step, metrics)
+
+
+def _evaluate(run: _Prepared, evaluate: EvalFn, state: TrainState, loop: LoopConfig, logger: MetricLogger) -> None:
+    """Run `evaluate` at `state.step`, log its results and track the best step (`loop.best_metric`)."""
+    accelerator = run.accelerator
+    run.model.eval()
+    # The main process evaluates while the others wait; under ZeRO-3 every forward gathers parameters from all
+    # ranks, so there every rank runs it (recipes give the other ranks their own output folder).
+    if accelerator.is_main_process or _zero_stage(accelerator) == 3:
+        results = evaluate(accelerator.unwrap_model(run.model), state.step)
+        if accelerator.is_main_process:
+            logger.log(state.step, results)
+            _track_best(state, results, loop)
+    accelerator.wait_for_everyone()
 
 
 def _track_best(state: TrainState, results: dict[str, float], loop: LoopConfig) -> None:
