@@ -34,8 +34,9 @@ from common.results import (
 )
 from common.scoring import score_clips
 from common.stages import EVALUATED, clear_marker, mark_stage_done, stage_is_current
-from evaluation.efficiency import compare, ratios, release_memory
+from evaluation.efficiency import compare, ratios
 from evaluation.job import JobConfig, efficiency_clips, evaluation_inputs, load_model, load_test_split
+from evaluation.memory import release_memory
 
 
 def quality(model: AudioLanguageModel, dataset, cfg: JobConfig, out_dir: Path,
