@@ -1,4 +1,5 @@
-"""The training loop every recipe shares (toy teacher, distillation, recovery after pruning).
+"""The training loop every recipe shares (toy teacher, distillation, recovery after pruning); its checkpoints on disk
+are `common.checkpoints`.
 
 A recipe builds its model and data, then calls `fit` with a `loss_fn(model, batch) -> {"loss": ..., terms}`
 and an `evaluate(model, step) -> {"eval/...": value}`. `fit` does the rest: accelerate (devices, DDP, DeepSpeed
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import random
@@ -24,16 +24,26 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from common.checkpoints import (
+    DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
+    TrainState,
+    capture_rng,
+    checkpoint_key,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from common.model import move_batch
 from common.tracking import MetricLogger
 
@@ -75,20 +85,6 @@ class LoopConfig:
     """Resume from the newest checkpoint in the output folder, if there is one."""
 
 
-@dataclass
-class TrainState:
-    """Where training is: optimizer steps done and the data position (epoch, batches consumed in it)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    bad_steps: int = 0
-    best_value: float | None = None
-    best_step: int | None = None
-    run_key: str = ""
-    """What the run was started from (e.g. `common.stages.stage_key`): a checkpoint of another key is not resumed."""
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -115,103 +111,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, min
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters (all that a checkpoint needs: frozen parts are rebuilt from their sources)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict:
-    """Every RNG as tensors and lists, so the file loads with `weights_only=True`."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, scaler, state: TrainState,
-                    rank_files: Path | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `folder/step_<7-digit step>/` atomically: weights (safetensors), optimizer/scheduler/scaler/RNG, state.
-
-    `optimizer` None leaves it out (a DeepSpeed engine saves its own partitions); `rank_files` is a folder of files
-    the other processes wrote (their RNG, the engine's checkpoint), moved in before the folder is published;
-    `weights` replaces `trainable_state(model)` (ZeRO-3, whose parameters live sharded across ranks).
-    """
-    final = folder / f"step_{state.step:07d}"
-    tmp = folder / f".tmp_step_{state.step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if rank_files is not None:
-        rank_files.rename(tmp)
-    else:
-        tmp.mkdir(parents=True)
-    save_file(trainable_state(model) if weights is None else weights, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state()},
-               tmp / "training_state.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(p for p in folder.glob("step_*") if (p / "state.json").is_file())
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler, rank: int = 0,
-                    engine=None) -> TrainState:
-    """Restore a checkpoint written by `save_checkpoint` (weights, optimizer, scheduler, scaler, RNG).
-
-    `rank` picks this process's RNG file when several processes wrote one; with a DeepSpeed `engine` the weights
-    and optimizer partitions come from its own checkpoint inside the folder.
-    """
-    if engine is not None:
-        engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False,
-                               load_optimizer_states=True, load_lr_scheduler_states=False)
-    else:
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        unknown = sorted(set(weights) - set(params))
-        if unknown:
-            raise ValueError(f"{path}: checkpoint holds parameters the model lacks: {unknown[:5]}")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
-    blob = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    if engine is None:
-        optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    if scaler is not None and blob["scaler"] is not None:
-        scaler.load_state_dict(blob["scaler"])
-    rng_file = path / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else blob["rng"]
-    _set_rng_state(rng)
-    return TrainState(**json.loads((path / "state.json").read_text()))
-
-
-def prune_checkpoints(folder: Path, keep_last: int, best_step: int | None) -> None:
-    found = sorted(p for p in folder.glob("step_*") if (p / "state.json").is_file())
-    keep = set(found[-keep_last:]) if keep_last > 0 else set()
-    if best_step is not None:
-        keep.add(folder / f"step_{best_step:07d}")
-    for path in found:
-        if path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def _batches_from(sampler, state: TrainState):
     """Yield (epoch, batch index list) forever, starting at the saved data position."""
     epoch, skip = state.epoch, state.batch_in_epoch
@@ -233,9 +132,6 @@ def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
 
 
-DEEPSPEED_DIR = "deepspeed"
-"""Folder of a checkpoint that holds the DeepSpeed engine's own checkpoint (module and optimizer partitions)."""
-DEEPSPEED_TAG = "engine"
 
 
 def uses_deepspeed() -> bool:
@@ -394,10 +290,6 @@ def _reduce_terms(accelerator, terms: dict[str, float], tokens: int) -> tuple[di
     return {n: float(values[i]) / accelerator.num_processes for i, n in enumerate(names)}, int(values[-1])
 
 
-def _checkpoint_key(path: Path) -> str:
-    return json.loads((path / "state.json").read_text()).get("run_key", "")
-
-
 def _checkpoint(accelerator, ckpt_dir: Path, model, optimizer, scheduler, scaler, state: TrainState,
                 loop: LoopConfig) -> None:
     """Save a checkpoint. With several processes (or DeepSpeed) every rank first writes its RNG state and the
@@ -413,7 +305,7 @@ def _checkpoint(accelerator, ckpt_dir: Path, model, optimizer, scheduler, scaler
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), staging / f"rng_rank{accelerator.process_index}.pt")
+    torch.save(capture_rng(), staging / f"rng_rank{accelerator.process_index}.pt")
     weights = None
     if deepspeed:
         model.save_checkpoint(str(staging / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
@@ -524,7 +416,7 @@ def _resume(run: _Prepared, ckpt_dir: Path, loop: LoopConfig, run_key: str) -> T
     they are deleted)."""
     accelerator = run.accelerator
     latest = latest_checkpoint(ckpt_dir) if loop.resume else None
-    if latest is not None and run_key and _checkpoint_key(latest) != run_key:
+    if latest is not None and run_key and checkpoint_key(latest) != run_key:
         if accelerator.is_main_process:
             print(f"{ckpt_dir}: the checkpoints there come from another config or other inputs; starting over")
             for old in ckpt_dir.glob("step_*"):
