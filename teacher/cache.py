@@ -39,8 +39,8 @@ from teacher.cache_store import (
     CachedSample,
     CacheIdentity,
     CacheReader,
-    CacheWriter,
 )
+from teacher.cache_writer import CacheWriter
 from teacher.checkpoint import load_model_folder
 from teacher.encoder_store import with_cached_encoders
 from teacher.qformer import num_windows

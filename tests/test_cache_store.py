@@ -15,11 +15,11 @@ from teacher.cache_store import (
     CacheError,
     CacheIdentity,
     CacheReader,
-    CacheWriter,
     shard_name,
     sidecar_name,
     tokenizer_identity,
 )
+from teacher.cache_writer import CacheWriter
 
 VOCAB = 50
 DIM = 6
