@@ -1,5 +1,5 @@
 """The training loop every recipe shares (toy teacher, distillation, recovery after pruning); its checkpoints on disk
-are `common.checkpoints`.
+are `common.checkpoints`, its process setup (DDP, DeepSpeed) `common.distributed`.
 
 A recipe builds its model and data, then calls `fit` with a `loss_fn(model, batch) -> {"loss": ..., terms}`
 and an `evaluate(model, step) -> {"eval/...": value}`. `fit` does the rest: accelerate (devices, DDP, DeepSpeed
@@ -16,17 +16,15 @@ accumulation and the optimizer step, and checkpoints hold its per-rank optimizer
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
-import os
 import random
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,45 +42,17 @@ from common.checkpoints import (
     prune_checkpoints,
     save_checkpoint,
 )
+from common.distributed import (
+    configure_deepspeed,
+    is_deepspeed,
+    make_accelerator,
+    reduce_terms,
+    shard_sampler,
+    zero_stage,
+)
 from common.model import move_batch
 from common.tracking import MetricLogger
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    """Decoupled weight decay (AdamW); not applied to biases, norms and 1-D parameters."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.05
-    """The cosine schedule ends at lr × this."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 disables)."""
-
-
-@dataclass
-class LoopConfig:
-    max_steps: int = 1000
-    """Optimizer steps."""
-    batch_size: int = 16
-    """Clips per forward pass and process; the global batch is batch_size × grad_accum × processes."""
-    grad_accum: int = 1
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    """fp16 = autocast + GradScaler on CUDA (V100); ignored on CPU, which trains in fp32."""
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 250
-    save_every: int = 250
-    keep_last: int = 2
-    """Checkpoints kept besides the best one."""
-    best_metric: str = ""
-    """An `eval/...` metric that picks the best checkpoint; empty keeps no best."""
-    best_mode: Literal["min", "max"] = "min"
-    max_bad_steps: int = 20
-    """Abort after this many non-finite losses or gradients (each one is skipped and counted)."""
-    resume: bool = True
-    """Resume from the newest checkpoint in the output folder, if there is one."""
+from common.training_config import LoopConfig, OptimConfig
 
 
 def seed_everything(seed: int) -> None:
@@ -134,167 +104,11 @@ def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
 
 
 
-def uses_deepspeed() -> bool:
-    """Whether the launcher asked for DeepSpeed (`accelerate launch` with a DeepSpeed config sets this)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def make_accelerator(loop: LoopConfig):
-    """The Accelerator for a training job: one process, DDP or DeepSpeed, as the launcher set it up.
-
-    fp16/bf16 only on CUDA (a CPU trains in fp32). DDP looks for parameters a step did not use (training stages
-    freeze parts; BEATs' tagging head never runs). Without CUDA the processes talk over gloo, DeepSpeed included
-    (with `DS_ACCELERATOR=cpu`), which is how the tests run them.
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    cuda = torch.cuda.is_available()
-    deepspeed = uses_deepspeed()
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    if deepspeed and not cuda:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(mixed_precision=loop.precision if cuda and loop.precision != "fp32" else "no",
-                       cpu=not cuda and not deepspeed, kwargs_handlers=handlers)
-
-
-def _is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def _zero_stage(accelerator) -> int:
-    if not _is_deepspeed(accelerator):
-        return 0
-    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
-
-
-def fill_deepspeed_config(config: dict, loop: LoopConfig, optim: OptimConfig, where: str = "the DeepSpeed config"):
-    """Fill a DeepSpeed config's "auto" batch, accumulation and clipping from the job's loop and optim sections.
-
-    A number in the JSON must agree with the job (one source of truth for the global batch); a mismatch stops
-    the run naming the file (`where`), the key, both values and the fix. Changes `config` in place.
-    """
-    wanted = {"train_micro_batch_size_per_gpu": loop.batch_size, "gradient_accumulation_steps": loop.grad_accum,
-              "gradient_clipping": optim.grad_clip}
-    for key, value in wanted.items():
-        current = config.get(key, "auto")
-        if current == "auto":
-            config[key] = value
-        elif float(current) != float(value):
-            raise ValueError(f"{where}: {key} is {current} but the job says {value} (loop.batch_size, "
-                             "loop.grad_accum, optim.grad_clip); set it to \"auto\" in the JSON or change the job")
-    if "optimizer" in config or "scheduler" in config:
-        raise ValueError(f"{where}: remove 'optimizer' and 'scheduler': fit() brings its own AdamW and schedule "
-                         "(torch's AdamW; DeepSpeed's fused Adam would JIT-compile for minutes)")
-
-
-def configure_deepspeed(accelerator, loop: LoopConfig, optim: OptimConfig) -> None:
-    """`fill_deepspeed_config` on the config the launcher gave accelerate."""
-    where = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
-    fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, loop, optim, where)
-
-
-def prepare_frozen(model: nn.Module, accelerator, loop: LoopConfig):
-    """Ready a frozen model that only runs forward passes beside the one being trained (a KD teacher).
-
-    No gradients, no optimizer state and no DDP wrapper. Under DeepSpeed it gets an inference-only engine, as
-    trl's `prepare_deepspeed` and accelerate's multi-model guide do: under ZeRO-3 its parameters are sharded
-    across ranks like the student's and gathered layer by layer in each forward; under ZeRO-0/1/2 every rank holds
-    a full fp16 copy. Without DeepSpeed it moves to this process's device, in fp16 on CUDA when training in fp16
-    (a V100 has no bf16). Returns `(module to call, engine or None)`; keep the engine alive beside the module.
-    """
-    model.requires_grad_(False).eval()
-    fp16 = torch.cuda.is_available() and loop.precision == "fp16"
-    if not _is_deepspeed(accelerator):
-        model.to(accelerator.device)
-        if fp16:
-            model.half()
-        return model, None
-    import deepspeed
-
-    student = accelerator.state.deepspeed_plugin.deepspeed_config
-    stage = int(student.get("zero_optimization", {}).get("stage", 0))
-    zero = copy.deepcopy(student.get("zero_optimization", {})) if stage == 3 else {"stage": 0}
-    for key in ("offload_optimizer", "stage3_gather_16bit_weights_on_model_save"):
-        zero.pop(key, None)
-    config = {"train_micro_batch_size_per_gpu": loop.batch_size, "gradient_accumulation_steps": 1,
-              "fp16": {"enabled": fp16}, "bf16": {"enabled": False}, "zero_optimization": zero}
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine.module, engine
-
-
-@contextlib.contextmanager
-def whole_models(accelerator):
-    """Inside, transformers builds models whole even under ZeRO-3; DeepSpeed shards them later, at `prepare`.
-
-    accelerate registers the ZeRO-3 config with transformers, which then builds every model already sharded
-    (`deepspeed.zero.Init`): a collective that one process alone cannot run, and shards that a student built by
-    copying teacher weights cannot read. The job's `zero3_init_flag: false` asks for whole models; this keeps it.
-    """
-    if _zero_stage(accelerator) != 3:
-        yield
-        return
-    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)
-
-
-@contextlib.contextmanager
-def full_parameters(module: nn.Module):
-    """Inside, every parameter of `module` is whole on every rank (ZeRO-3 gathers them; otherwise a no-op).
-
-    Every rank must enter it together under ZeRO-3.
-    """
-    params = list(module.parameters())
-    if not any(hasattr(p, "ds_id") for p in params):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
-def shard_sampler(sampler, accelerator):
-    """Give each process its share of the batches: a sampler with `num_replicas`/`rank` (DurationBucketSampler)
-    left at one replica is set to this process's rank; one already sharded must match the processes."""
-    processes, rank = accelerator.num_processes, accelerator.process_index
-    if processes == 1:
-        return sampler
-    replicas = getattr(sampler, "num_replicas", None)
-    if replicas is None:
-        raise ValueError(f"{type(sampler).__name__} cannot be split across {processes} processes: give it "
-                         "num_replicas and rank attributes (as common.dataset.DurationBucketSampler has)")
-    if replicas == 1:
-        sampler.num_replicas, sampler.rank = processes, rank
-    elif (replicas, sampler.rank) != (processes, rank):
-        raise ValueError(f"the sampler is sharded for rank {sampler.rank} of {replicas}, but this is rank {rank} of "
-                         f"{processes}; leave num_replicas at 1 and fit() shards it")
-    return sampler
-
-
-def _reduce_terms(accelerator, terms: dict[str, float], tokens: int) -> tuple[dict[str, float], int]:
-    """Means of the loss terms and the sum of target tokens over all processes (one all-reduce)."""
-    if accelerator.num_processes == 1:
-        return terms, tokens
-    names = sorted(terms)
-    values = torch.tensor([terms[n] for n in names] + [float(tokens)], dtype=torch.float64, device=accelerator.device)
-    values = accelerator.reduce(values, reduction="sum").cpu()
-    return {n: float(values[i]) / accelerator.num_processes for i, n in enumerate(names)}, int(values[-1])
-
-
 def _checkpoint(accelerator, ckpt_dir: Path, model, optimizer, scheduler, scaler, state: TrainState,
                 loop: LoopConfig) -> None:
     """Save a checkpoint. With several processes (or DeepSpeed) every rank first writes its RNG state and the
     engine its optimizer partitions into a staging folder; the main process then adds the rest and publishes."""
-    deepspeed = _is_deepspeed(accelerator)
+    deepspeed = is_deepspeed(accelerator)
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.num_processes == 1 and not deepspeed:
         save_checkpoint(ckpt_dir, unwrapped, optimizer, scheduler, scaler, state)
@@ -309,7 +123,7 @@ def _checkpoint(accelerator, ckpt_dir: Path, model, optimizer, scheduler, scaler
     weights = None
     if deepspeed:
         model.save_checkpoint(str(staging / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
-        if _zero_stage(accelerator) == 3:
+        if zero_stage(accelerator) == 3:
             trainable = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
             full = accelerator.get_state_dict(model)  # gathers the shards (every rank takes part; rank 0 gets them)
             if full is not None:
@@ -403,7 +217,7 @@ def _prepare(model: nn.Module, accelerator, loop: LoopConfig, optim: OptimConfig
         print(f"warning: optim.warmup_steps={optim.warmup_steps} >= loop.max_steps={loop.max_steps}: the lr only "
               f"warms up, ends at its peak ({optim.lr:g}) and never decays; set optim.warmup_steps below "
               f"loop.max_steps (e.g. a tenth of it)", file=sys.stderr, flush=True)
-    deepspeed = _is_deepspeed(accelerator)
+    deepspeed = is_deepspeed(accelerator)
     if deepspeed:
         configure_deepspeed(accelerator, loop, optim)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -458,7 +272,7 @@ def _forward_backward(run: _Prepared, dataset, collate, loss_fn: LossFn, batches
             terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach()) / loop.grad_accum
         if "labels" in batch:
             tokens += int((batch["labels"] != -100).sum())
-    return _reduce_terms(accelerator, terms_sum, tokens)
+    return reduce_terms(accelerator, terms_sum, tokens)
 
 
 def _optimizer_step(run: _Prepared, params: list[torch.Tensor], loss: float, state: TrainState, loop: LoopConfig,
@@ -516,7 +330,7 @@ def _evaluate(run: _Prepared, evaluate: EvalFn, state: TrainState, loop: LoopCon
     run.model.eval()
     # The main process evaluates while the others wait; under ZeRO-3 every forward gathers parameters from all
     # ranks, so there every rank runs it (recipes give the other ranks their own output folder).
-    if accelerator.is_main_process or _zero_stage(accelerator) == 3:
+    if accelerator.is_main_process or zero_stage(accelerator) == 3:
         results = evaluate(accelerator.unwrap_model(run.model), state.step)
         if accelerator.is_main_process:
             logger.log(state.step, results)
