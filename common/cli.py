@@ -265,7 +265,7 @@ def run(main: Callable[[], Any]) -> NoReturn:
     1 (data), not a traceback; any other exception is a bug and keeps its traceback."""
     from common.annotations import DataError
     from common.audio import AudioError
-    from common.config import ConfigError
+    from common.errors import ConfigError
 
     quiet_third_party_logs()
     try:

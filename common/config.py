@@ -25,13 +25,10 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from common.errors import ConfigError
 from common.hub import resolved_from
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override does not match its schema. The message says where and how to fix it."""
 
 
 def _closest(name: str, valid: list[str]) -> str:
@@ -185,7 +182,12 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def job_name(cls: type) -> str:
-    """The module that runs a job config class (its real name also when run as `python -m module`)."""
+    """The module that runs a job config class (its real name also when run as `python -m module`): the class's
+    `job` ClassVar when it has one (a config that lives in a library module, read by several commands), else the
+    module that defines it."""
+    declared = getattr(cls, "job", None)  # a `ClassVar[str]`; no job config has a `job` key
+    if isinstance(declared, str):
+        return declared
     if cls.__module__ == "__main__":
         import sys
 
@@ -346,42 +348,3 @@ def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = ""
         print(yaml.safe_dump({"job": job, **to_dict(cfg)}, sort_keys=False), end="")
         raise SystemExit(0)
     return cfg, args.force
-
-
-def file_stamps(path: str | Path) -> list[tuple[str, int, int]]:
-    """(name relative to `path`, size, mtime) of every file under `path` (or of the file itself), without the
-    stage bookkeeping (`DONE`, `config.yaml`): cheap even for 26 GB of weights, and it changes when a stage
-    rewrites its outputs."""
-    root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return [(str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns)
-            for p in files if p.name not in ("DONE", "config.yaml")]
-
-
-def input_stamp(path: str | Path) -> str:
-    """A short hash of `file_stamps(path)`; `missing` when the path does not exist."""
-    if not Path(path).exists():
-        return "missing"
-    return hashlib.sha256(repr(file_stamps(path)).encode()).hexdigest()[:16]
-
-
-def stage_key(cfg: Any, inputs: typing.Sequence[str | Path] = ()) -> str:
-    """What a stage's DONE marker holds: its resolved config's hash, then one stamp per input it read (the
-    teacher folder, the cache, the model it starts from), so a retrained input makes the stage stale."""
-    return " ".join([config_hash(cfg), *(input_stamp(p) for p in inputs if p)])
-
-
-def stage_is_current(cfg: Any, out_dir: str | Path, done_marker: str = "DONE",
-                     inputs: typing.Sequence[str | Path] = ()) -> bool:
-    """True when `out_dir` holds a finished run of exactly this resolved config on these very inputs (so the stage
-    can be skipped)."""
-    marker = Path(out_dir) / done_marker
-    return marker.is_file() and marker.read_text().strip() == stage_key(cfg, inputs)
-
-
-def mark_stage_done(cfg: Any, out_dir: str | Path, done_marker: str = "DONE",
-                    inputs: typing.Sequence[str | Path] = ()) -> None:
-    """Record that `out_dir` holds a finished run of this config on these inputs (written last, after every
-    output)."""
-    save_resolved(cfg, out_dir)
-    (Path(out_dir) / done_marker).write_text(stage_key(cfg, inputs) + "\n")

@@ -1,4 +1,5 @@
-"""The training loop every recipe shares (toy teacher, distillation, recovery after pruning).
+"""The training loop every recipe shares (toy teacher, distillation, recovery after pruning); its checkpoints on disk
+are `common.checkpoints`, its process setup (DDP, DeepSpeed) `common.distributed`.
 
 A recipe builds its model and data, then calls `fit` with a `loss_fn(model, batch) -> {"loss": ..., terms}`
 and an `evaluate(model, step) -> {"eval/...": value}`. `fit` does the rest: accelerate (devices, DDP, DeepSpeed
@@ -15,78 +16,43 @@ accumulation and the optimizer step, and checkpoints hold its per-rank optimizer
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import math
-import os
 import random
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from common.checkpoints import (
+    DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
+    TrainState,
+    capture_rng,
+    checkpoint_key,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from common.distributed import (
+    configure_deepspeed,
+    is_deepspeed,
+    make_accelerator,
+    reduce_terms,
+    shard_sampler,
+    zero_stage,
+)
 from common.model import move_batch
 from common.tracking import MetricLogger
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    """Decoupled weight decay (AdamW); not applied to biases, norms and 1-D parameters."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.05
-    """The cosine schedule ends at lr × this."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 disables)."""
-
-
-@dataclass
-class LoopConfig:
-    max_steps: int = 1000
-    """Optimizer steps."""
-    batch_size: int = 16
-    """Clips per forward pass and process; the global batch is batch_size × grad_accum × processes."""
-    grad_accum: int = 1
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    """fp16 = autocast + GradScaler on CUDA (V100); ignored on CPU, which trains in fp32."""
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 250
-    save_every: int = 250
-    keep_last: int = 2
-    """Checkpoints kept besides the best one."""
-    best_metric: str = ""
-    """An `eval/...` metric that picks the best checkpoint; empty keeps no best."""
-    best_mode: Literal["min", "max"] = "min"
-    max_bad_steps: int = 20
-    """Abort after this many non-finite losses or gradients (each one is skipped and counted)."""
-    resume: bool = True
-    """Resume from the newest checkpoint in the output folder, if there is one."""
-
-
-@dataclass
-class TrainState:
-    """Where training is: optimizer steps done and the data position (epoch, batches consumed in it)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    bad_steps: int = 0
-    best_value: float | None = None
-    best_step: int | None = None
-    run_key: str = ""
-    """What the run was started from (e.g. `common.config.stage_key`): a checkpoint of another key is not resumed."""
+from common.training_config import LoopConfig, OptimConfig
 
 
 def seed_everything(seed: int) -> None:
@@ -115,103 +81,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, min
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters (all that a checkpoint needs: frozen parts are rebuilt from their sources)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict:
-    """Every RNG as tensors and lists, so the file loads with `weights_only=True`."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, scaler, state: TrainState,
-                    rank_files: Path | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `folder/step_<7-digit step>/` atomically: weights (safetensors), optimizer/scheduler/scaler/RNG, state.
-
-    `optimizer` None leaves it out (a DeepSpeed engine saves its own partitions); `rank_files` is a folder of files
-    the other processes wrote (their RNG, the engine's checkpoint), moved in before the folder is published;
-    `weights` replaces `trainable_state(model)` (ZeRO-3, whose parameters live sharded across ranks).
-    """
-    final = folder / f"step_{state.step:07d}"
-    tmp = folder / f".tmp_step_{state.step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if rank_files is not None:
-        rank_files.rename(tmp)
-    else:
-        tmp.mkdir(parents=True)
-    save_file(trainable_state(model) if weights is None else weights, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state()},
-               tmp / "training_state.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(p for p in folder.glob("step_*") if (p / "state.json").is_file())
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler, rank: int = 0,
-                    engine=None) -> TrainState:
-    """Restore a checkpoint written by `save_checkpoint` (weights, optimizer, scheduler, scaler, RNG).
-
-    `rank` picks this process's RNG file when several processes wrote one; with a DeepSpeed `engine` the weights
-    and optimizer partitions come from its own checkpoint inside the folder.
-    """
-    if engine is not None:
-        engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False,
-                               load_optimizer_states=True, load_lr_scheduler_states=False)
-    else:
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        unknown = sorted(set(weights) - set(params))
-        if unknown:
-            raise ValueError(f"{path}: checkpoint holds parameters the model lacks: {unknown[:5]}")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
-    blob = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    if engine is None:
-        optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    if scaler is not None and blob["scaler"] is not None:
-        scaler.load_state_dict(blob["scaler"])
-    rng_file = path / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else blob["rng"]
-    _set_rng_state(rng)
-    return TrainState(**json.loads((path / "state.json").read_text()))
-
-
-def prune_checkpoints(folder: Path, keep_last: int, best_step: int | None) -> None:
-    found = sorted(p for p in folder.glob("step_*") if (p / "state.json").is_file())
-    keep = set(found[-keep_last:]) if keep_last > 0 else set()
-    if best_step is not None:
-        keep.add(folder / f"step_{best_step:07d}")
-    for path in found:
-        if path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def _batches_from(sampler, state: TrainState):
     """Yield (epoch, batch index list) forever, starting at the saved data position."""
     epoch, skip = state.epoch, state.batch_in_epoch
@@ -233,176 +102,13 @@ def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
 
 
-DEEPSPEED_DIR = "deepspeed"
-"""Folder of a checkpoint that holds the DeepSpeed engine's own checkpoint (module and optimizer partitions)."""
-DEEPSPEED_TAG = "engine"
-
-
-def uses_deepspeed() -> bool:
-    """Whether the launcher asked for DeepSpeed (`accelerate launch` with a DeepSpeed config sets this)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def make_accelerator(loop: LoopConfig):
-    """The Accelerator for a training job: one process, DDP or DeepSpeed, as the launcher set it up.
-
-    fp16/bf16 only on CUDA (a CPU trains in fp32). DDP looks for parameters a step did not use (training stages
-    freeze parts; BEATs' tagging head never runs). Without CUDA the processes talk over gloo, DeepSpeed included
-    (with `DS_ACCELERATOR=cpu`), which is how the tests run them.
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    cuda = torch.cuda.is_available()
-    deepspeed = uses_deepspeed()
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    if deepspeed and not cuda:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(mixed_precision=loop.precision if cuda and loop.precision != "fp32" else "no",
-                       cpu=not cuda and not deepspeed, kwargs_handlers=handlers)
-
-
-def _is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def _zero_stage(accelerator) -> int:
-    if not _is_deepspeed(accelerator):
-        return 0
-    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
-
-
-def fill_deepspeed_config(config: dict, loop: LoopConfig, optim: OptimConfig, where: str = "the DeepSpeed config"):
-    """Fill a DeepSpeed config's "auto" batch, accumulation and clipping from the job's loop and optim sections.
-
-    A number in the JSON must agree with the job (one source of truth for the global batch); a mismatch stops
-    the run naming the file (`where`), the key, both values and the fix. Changes `config` in place.
-    """
-    wanted = {"train_micro_batch_size_per_gpu": loop.batch_size, "gradient_accumulation_steps": loop.grad_accum,
-              "gradient_clipping": optim.grad_clip}
-    for key, value in wanted.items():
-        current = config.get(key, "auto")
-        if current == "auto":
-            config[key] = value
-        elif float(current) != float(value):
-            raise ValueError(f"{where}: {key} is {current} but the job says {value} (loop.batch_size, "
-                             "loop.grad_accum, optim.grad_clip); set it to \"auto\" in the JSON or change the job")
-    if "optimizer" in config or "scheduler" in config:
-        raise ValueError(f"{where}: remove 'optimizer' and 'scheduler': fit() brings its own AdamW and schedule "
-                         "(torch's AdamW; DeepSpeed's fused Adam would JIT-compile for minutes)")
-
-
-def configure_deepspeed(accelerator, loop: LoopConfig, optim: OptimConfig) -> None:
-    """`fill_deepspeed_config` on the config the launcher gave accelerate."""
-    where = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
-    fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, loop, optim, where)
-
-
-def prepare_frozen(model: nn.Module, accelerator, loop: LoopConfig):
-    """Ready a frozen model that only runs forward passes beside the one being trained (a KD teacher).
-
-    No gradients, no optimizer state and no DDP wrapper. Under DeepSpeed it gets an inference-only engine, as
-    trl's `prepare_deepspeed` and accelerate's multi-model guide do: under ZeRO-3 its parameters are sharded
-    across ranks like the student's and gathered layer by layer in each forward; under ZeRO-0/1/2 every rank holds
-    a full fp16 copy. Without DeepSpeed it moves to this process's device, in fp16 on CUDA when training in fp16
-    (a V100 has no bf16). Returns `(module to call, engine or None)`; keep the engine alive beside the module.
-    """
-    model.requires_grad_(False).eval()
-    fp16 = torch.cuda.is_available() and loop.precision == "fp16"
-    if not _is_deepspeed(accelerator):
-        model.to(accelerator.device)
-        if fp16:
-            model.half()
-        return model, None
-    import deepspeed
-
-    student = accelerator.state.deepspeed_plugin.deepspeed_config
-    stage = int(student.get("zero_optimization", {}).get("stage", 0))
-    zero = copy.deepcopy(student.get("zero_optimization", {})) if stage == 3 else {"stage": 0}
-    for key in ("offload_optimizer", "stage3_gather_16bit_weights_on_model_save"):
-        zero.pop(key, None)
-    config = {"train_micro_batch_size_per_gpu": loop.batch_size, "gradient_accumulation_steps": 1,
-              "fp16": {"enabled": fp16}, "bf16": {"enabled": False}, "zero_optimization": zero}
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine.module, engine
-
-
-@contextlib.contextmanager
-def whole_models(accelerator):
-    """Inside, transformers builds models whole even under ZeRO-3; DeepSpeed shards them later, at `prepare`.
-
-    accelerate registers the ZeRO-3 config with transformers, which then builds every model already sharded
-    (`deepspeed.zero.Init`): a collective that one process alone cannot run, and shards that a student built by
-    copying teacher weights cannot read. The job's `zero3_init_flag: false` asks for whole models; this keeps it.
-    """
-    if _zero_stage(accelerator) != 3:
-        yield
-        return
-    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)
-
-
-@contextlib.contextmanager
-def full_parameters(module: nn.Module):
-    """Inside, every parameter of `module` is whole on every rank (ZeRO-3 gathers them; otherwise a no-op).
-
-    Every rank must enter it together under ZeRO-3.
-    """
-    params = list(module.parameters())
-    if not any(hasattr(p, "ds_id") for p in params):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
-def shard_sampler(sampler, accelerator):
-    """Give each process its share of the batches: a sampler with `num_replicas`/`rank` (DurationBucketSampler)
-    left at one replica is set to this process's rank; one already sharded must match the processes."""
-    processes, rank = accelerator.num_processes, accelerator.process_index
-    if processes == 1:
-        return sampler
-    replicas = getattr(sampler, "num_replicas", None)
-    if replicas is None:
-        raise ValueError(f"{type(sampler).__name__} cannot be split across {processes} processes: give it "
-                         "num_replicas and rank attributes (as common.dataset.DurationBucketSampler has)")
-    if replicas == 1:
-        sampler.num_replicas, sampler.rank = processes, rank
-    elif (replicas, sampler.rank) != (processes, rank):
-        raise ValueError(f"the sampler is sharded for rank {sampler.rank} of {replicas}, but this is rank {rank} of "
-                         f"{processes}; leave num_replicas at 1 and fit() shards it")
-    return sampler
-
-
-def _reduce_terms(accelerator, terms: dict[str, float], tokens: int) -> tuple[dict[str, float], int]:
-    """Means of the loss terms and the sum of target tokens over all processes (one all-reduce)."""
-    if accelerator.num_processes == 1:
-        return terms, tokens
-    names = sorted(terms)
-    values = torch.tensor([terms[n] for n in names] + [float(tokens)], dtype=torch.float64, device=accelerator.device)
-    values = accelerator.reduce(values, reduction="sum").cpu()
-    return {n: float(values[i]) / accelerator.num_processes for i, n in enumerate(names)}, int(values[-1])
-
-
-def _checkpoint_key(path: Path) -> str:
-    return json.loads((path / "state.json").read_text()).get("run_key", "")
 
 
 def _checkpoint(accelerator, ckpt_dir: Path, model, optimizer, scheduler, scaler, state: TrainState,
                 loop: LoopConfig) -> None:
     """Save a checkpoint. With several processes (or DeepSpeed) every rank first writes its RNG state and the
     engine its optimizer partitions into a staging folder; the main process then adds the rest and publishes."""
-    deepspeed = _is_deepspeed(accelerator)
+    deepspeed = is_deepspeed(accelerator)
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.num_processes == 1 and not deepspeed:
         save_checkpoint(ckpt_dir, unwrapped, optimizer, scheduler, scaler, state)
@@ -413,11 +119,11 @@ def _checkpoint(accelerator, ckpt_dir: Path, model, optimizer, scheduler, scaler
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), staging / f"rng_rank{accelerator.process_index}.pt")
+    torch.save(capture_rng(), staging / f"rng_rank{accelerator.process_index}.pt")
     weights = None
     if deepspeed:
         model.save_checkpoint(str(staging / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
-        if _zero_stage(accelerator) == 3:
+        if zero_stage(accelerator) == 3:
             trainable = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
             full = accelerator.get_state_dict(model)  # gathers the shards (every rank takes part; rank 0 gets them)
             if full is not None:
@@ -432,6 +138,19 @@ def _checkpoint(accelerator, ckpt_dir: Path, model, optimizer, scheduler, scaler
 
 LossFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
 EvalFn = Callable[[nn.Module, int], dict[str, float]]
+
+
+@dataclass
+class _Prepared:
+    """What `fit` steps: the model and optimizer as accelerate prepared them (the model wrapped for DDP, or a
+    DeepSpeed engine), their scheduler and fp16 scaler."""
+
+    accelerator: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: Any
+    deepspeed: bool
 
 
 def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: LoopConfig, optim: OptimConfig,
@@ -455,81 +174,123 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
             teacher); made here otherwise.
     """
     accelerator = accelerator or make_accelerator(loop)
-    device = accelerator.device
     main = accelerator.is_main_process
-    deepspeed = _is_deepspeed(accelerator)
     sampler = shard_sampler(sampler, accelerator)
-    model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas))
-    scheduler = warmup_cosine(optimizer, optim.warmup_steps, loop.max_steps, optim.min_lr_ratio)
-    if main and optim.warmup_steps >= loop.max_steps:  # e.g. a short recovery run that kept a long run's warm-up
-        print(f"warning: optim.warmup_steps={optim.warmup_steps} >= loop.max_steps={loop.max_steps}: the lr only "
-              f"warms up, ends at its peak ({optim.lr:g}) and never decays; set optim.warmup_steps below "
-              f"loop.max_steps (e.g. a tenth of it)", file=sys.stderr, flush=True)
-    if deepspeed:
-        configure_deepspeed(accelerator, loop, optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    scaler = accelerator.scaler
+    run = _prepare(model, accelerator, loop, optim)
     ckpt_dir = out_dir / "checkpoints"
-    state = TrainState(run_key=run_key)
-    latest = latest_checkpoint(ckpt_dir) if loop.resume else None
-    if latest is not None and run_key and _checkpoint_key(latest) != run_key:
-        if main:
-            print(f"{ckpt_dir}: the checkpoints there come from another config or other inputs; starting over")
-            for old in ckpt_dir.glob("step_*"):
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-        latest = None
-    if latest is not None:
-        state = load_checkpoint(latest, accelerator.unwrap_model(model), optimizer, scheduler, scaler,
-                                rank=accelerator.process_index, engine=model if deepspeed else None)
-        print(f"resumed from {latest} at step {state.step}")
+    state = _resume(run, ckpt_dir, loop, run_key)
     logger.continue_after(state.step)  # what an earlier run logged past this point would draw a second curve
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in run.model.parameters() if p.requires_grad]
     batches = _batches_from(sampler, state)
     bar = tqdm(total=loop.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=None if main else True)  # None: no bar when stderr is not a terminal
     window = {"tokens": 0, "time": time.time()}
     while state.step < loop.max_steps:
-        model.train()
+        run.model.train()
         if before_step is not None:
-            before_step(accelerator.unwrap_model(model), state.step)
-        terms_sum: dict[str, float] = {}
-        tokens = 0
-        for micro in range(loop.grad_accum):
-            epoch, index, ids = next(batches)
-            state.epoch, state.batch_in_epoch = epoch, index + 1
-            if hasattr(dataset, "set_epoch"):  # augmentation draws per (seed, epoch, item): common.augment
-                dataset.set_epoch(epoch)
-            batch = move_batch(collate([dataset[i] for i in ids]), device)
-            # DDP all-reduces gradients only after the last micro-batch of a step.
-            last_micro = micro == loop.grad_accum - 1
-            with contextlib.nullcontext() if last_micro or deepspeed else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    terms = loss_fn(model, batch)
-                if deepspeed:
-                    model.backward(terms["loss"])  # the engine divides by grad_accum and scales fp16 losses
-                    model.step()  # steps the optimizer (clipping, overflow check) only after the last micro-batch
-                else:
-                    accelerator.backward(terms["loss"] / loop.grad_accum)
-            for name, value in terms.items():
-                terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach()) / loop.grad_accum
-            if "labels" in batch:
-                tokens += int((batch["labels"] != -100).sum())
-        terms_sum, tokens = _reduce_terms(accelerator, terms_sum, tokens)
+            before_step(accelerator.unwrap_model(run.model), state.step)
+        terms, tokens = _forward_backward(run, dataset, collate, loss_fn, batches, state, loop)
         window["tokens"] += tokens
-        if deepspeed:
-            norm = model.get_global_grad_norm()
-            grad_norm = torch.tensor(float(norm) if norm is not None else float("nan"))
-            finite = math.isfinite(terms_sum["loss"]) and not optimizer.step_was_skipped
-        else:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = _grad_norm(params)
-            finite = math.isfinite(terms_sum["loss"]) and bool(torch.isfinite(grad_norm))
-        if deepspeed and finite:
-            pass  # the engine already stepped
-        elif finite:
+        grad_norm = _optimizer_step(run, params, terms["loss"], state, loop, optim)
+        state.step += 1
+        bar.update(1)
+        last = state.step == loop.max_steps
+        if state.step % loop.log_every == 0 or last:
+            _log_train(logger if main else None, state, terms, run.scheduler, grad_norm, window)
+            window = {"tokens": 0, "time": time.time()}
+        if evaluate is not None and (state.step % loop.eval_every == 0 or last):
+            _evaluate(run, evaluate, state, loop, logger)
+        if state.step % loop.save_every == 0 or last:
+            _checkpoint(accelerator, ckpt_dir, run.model, run.optimizer, run.scheduler, run.scaler, state, loop)
+    bar.close()
+    return state
+
+
+def _prepare(model: nn.Module, accelerator, loop: LoopConfig, optim: OptimConfig) -> _Prepared:
+    """AdamW over `param_groups` with warm-up + cosine, DeepSpeed's config filled in, model and optimizer prepared
+    by accelerate on its device."""
+    model.to(accelerator.device)
+    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas))
+    scheduler = warmup_cosine(optimizer, optim.warmup_steps, loop.max_steps, optim.min_lr_ratio)
+    if accelerator.is_main_process and optim.warmup_steps >= loop.max_steps:
+        # e.g. a short recovery run that kept a long run's warm-up
+        print(f"warning: optim.warmup_steps={optim.warmup_steps} >= loop.max_steps={loop.max_steps}: the lr only "
+              f"warms up, ends at its peak ({optim.lr:g}) and never decays; set optim.warmup_steps below "
+              f"loop.max_steps (e.g. a tenth of it)", file=sys.stderr, flush=True)
+    deepspeed = is_deepspeed(accelerator)
+    if deepspeed:
+        configure_deepspeed(accelerator, loop, optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return _Prepared(accelerator, model, optimizer, scheduler, accelerator.scaler, deepspeed)
+
+
+def _resume(run: _Prepared, ckpt_dir: Path, loop: LoopConfig, run_key: str) -> TrainState:
+    """The state of the latest checkpoint in `ckpt_dir`, loaded into the model, optimizer, scheduler and scaler; a
+    fresh state when there is none, `loop.resume` is off, or the checkpoints come from a run of another key (then
+    they are deleted)."""
+    accelerator = run.accelerator
+    latest = latest_checkpoint(ckpt_dir) if loop.resume else None
+    if latest is not None and run_key and checkpoint_key(latest) != run_key:
+        if accelerator.is_main_process:
+            print(f"{ckpt_dir}: the checkpoints there come from another config or other inputs; starting over")
+            for old in ckpt_dir.glob("step_*"):
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        latest = None
+    if latest is None:
+        return TrainState(run_key=run_key)
+    state = load_checkpoint(latest, accelerator.unwrap_model(run.model), run.optimizer, run.scheduler, run.scaler,
+                            rank=accelerator.process_index, engine=run.model if run.deepspeed else None)
+    print(f"resumed from {latest} at step {state.step}")
+    return state
+
+
+def _forward_backward(run: _Prepared, dataset, collate, loss_fn: LossFn, batches, state: TrainState,
+                      loop: LoopConfig) -> tuple[dict[str, float], int]:
+    """Forward and backward over `loop.grad_accum` micro-batches: (each loss term's mean over the micro-batches and
+    all processes, target tokens seen by all processes)."""
+    accelerator, model = run.accelerator, run.model
+    terms_sum: dict[str, float] = {}
+    tokens = 0
+    for micro in range(loop.grad_accum):
+        epoch, index, ids = next(batches)
+        state.epoch, state.batch_in_epoch = epoch, index + 1
+        if hasattr(dataset, "set_epoch"):  # augmentation draws per (seed, epoch, item): common.augment
+            dataset.set_epoch(epoch)
+        batch = move_batch(collate([dataset[i] for i in ids]), accelerator.device)
+        # DDP all-reduces gradients only after the last micro-batch of a step.
+        last_micro = micro == loop.grad_accum - 1
+        with contextlib.nullcontext() if last_micro or run.deepspeed else accelerator.no_sync(model):
+            with accelerator.autocast():
+                terms = loss_fn(model, batch)
+            if run.deepspeed:
+                model.backward(terms["loss"])  # the engine divides by grad_accum and scales fp16 losses
+                model.step()  # steps the optimizer (clipping, overflow check) only after the last micro-batch
+            else:
+                accelerator.backward(terms["loss"] / loop.grad_accum)
+        for name, value in terms.items():
+            terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach()) / loop.grad_accum
+        if "labels" in batch:
+            tokens += int((batch["labels"] != -100).sum())
+    return reduce_terms(accelerator, terms_sum, tokens)
+
+
+def _optimizer_step(run: _Prepared, params: list[torch.Tensor], loss: float, state: TrainState, loop: LoopConfig,
+                    optim: OptimConfig) -> torch.Tensor:
+    """Clip and step on the accumulated gradients, or skip the step when the loss or the gradient norm is not finite
+    (counted in `state.bad_steps`; too many stop the run). DeepSpeed's engine clipped and stepped, or skipped,
+    inside `model.step()`. Then zero the gradients and advance the schedule. Returns the gradient norm."""
+    optimizer, scaler = run.optimizer, run.scaler
+    if run.deepspeed:
+        norm = run.model.get_global_grad_norm()
+        grad_norm = torch.tensor(float(norm) if norm is not None else float("nan"))
+        finite = math.isfinite(loss) and not optimizer.step_was_skipped
+    else:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = _grad_norm(params)
+        finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+        if finite:
             if optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
             if scaler is not None:
@@ -537,42 +298,44 @@ def fit(model: nn.Module, dataset, sampler, collate, loss_fn: LossFn, loop: Loop
                 scaler.update()
             else:
                 optimizer.step()
-        else:
-            state.bad_steps += 1  # under DeepSpeed the engine skipped the step and lowered its loss scale itself
-            if scaler is not None and not deepspeed:
-                scaler.update()  # lowers the loss scale, which is what usually caused the overflow
-            if state.bad_steps > loop.max_bad_steps:
-                raise RuntimeError(
-                    f"{state.bad_steps} non-finite steps (last at step {state.step}): lower optim.lr, check the data "
-                    "report, or use precision=fp32; raise loop.max_bad_steps to tolerate more")
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        state.step += 1
-        bar.update(1)
-        if state.step % loop.log_every == 0 or state.step == loop.max_steps:
-            elapsed = max(1e-9, time.time() - window["time"])
-            metrics = {f"train/{k}": v for k, v in terms_sum.items()}
-            metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
-                            "train/tokens_per_s": window["tokens"] / elapsed, "train/skipped_steps": state.bad_steps,
-                            "train/memory_mb": _memory_mb()})
-            if main:
-                logger.log(state.step, metrics)
-            window = {"tokens": 0, "time": time.time()}
-        last = state.step == loop.max_steps
-        if evaluate is not None and (state.step % loop.eval_every == 0 or last):
-            model.eval()
-            # The main process evaluates while the others wait; under ZeRO-3 every forward gathers parameters from
-            # all ranks, so there every rank runs it (recipes give the other ranks their own output folder).
-            if main or _zero_stage(accelerator) == 3:
-                results = evaluate(accelerator.unwrap_model(model), state.step)
-                if main:
-                    logger.log(state.step, results)
-                    _track_best(state, results, loop)
-            accelerator.wait_for_everyone()
-        if state.step % loop.save_every == 0 or last:
-            _checkpoint(accelerator, ckpt_dir, model, optimizer, scheduler, scaler, state, loop)
-    bar.close()
-    return state
+        elif scaler is not None:
+            scaler.update()  # lowers the loss scale, which is what usually caused the overflow
+    if not finite:
+        state.bad_steps += 1  # under DeepSpeed the engine skipped the step and lowered its loss scale itself
+        if state.bad_steps > loop.max_bad_steps:
+            raise RuntimeError(
+                f"{state.bad_steps} non-finite steps (last at step {state.step}): lower optim.lr, check the data "
+                "report, or use precision=fp32; raise loop.max_bad_steps to tolerate more")
+    optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return grad_norm
+
+
+def _log_train(logger: MetricLogger | None, state: TrainState, terms: dict[str, float], scheduler,
+               grad_norm: torch.Tensor, window: dict) -> None:
+    """Log every loss term, the lr, gradient norm, throughput since the last log (`window`: tokens, start time),
+    skipped steps and peak memory at `state.step`; `logger` None (a process other than the main one) logs nothing."""
+    elapsed = max(1e-9, time.time() - window["time"])
+    metrics = {f"train/{k}": v for k, v in terms.items()}
+    metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                    "train/tokens_per_s": window["tokens"] / elapsed, "train/skipped_steps": state.bad_steps,
+                    "train/memory_mb": _memory_mb()})
+    if logger is not None:
+        logger.log(state.step, metrics)
+
+
+def _evaluate(run: _Prepared, evaluate: EvalFn, state: TrainState, loop: LoopConfig, logger: MetricLogger) -> None:
+    """Run `evaluate` at `state.step`, log its results and track the best step (`loop.best_metric`)."""
+    accelerator = run.accelerator
+    run.model.eval()
+    # The main process evaluates while the others wait; under ZeRO-3 every forward gathers parameters from all
+    # ranks, so there every rank runs it (recipes give the other ranks their own output folder).
+    if accelerator.is_main_process or zero_stage(accelerator) == 3:
+        results = evaluate(accelerator.unwrap_model(run.model), state.step)
+        if accelerator.is_main_process:
+            logger.log(state.step, results)
+            _track_best(state, results, loop)
+    accelerator.wait_for_everyone()
 
 
 def _track_best(state: TrainState, results: dict[str, float], loop: LoopConfig) -> None:

@@ -219,12 +219,12 @@ def is_current(source: WeightSource, out: Path) -> bool:
 def convert(source: WeightSource, work: Path, out: Path) -> str:
     """Run the source's converter on the assembled folder; returns the command that reproduces it."""
     if source.converter == "ctranslate2_whisper":
-        from convert.ctranslate2_whisper import convert_ct2_whisper
+        from convert.whisper_ct2 import convert_ct2_whisper
 
         convert_ct2_whisper(work, out, dtype=source.dtype, force=True)
         return f"python -m convert.ctranslate2_whisper --model-dir DIR --out {out} --dtype {source.dtype}"
     if source.converter == "gguf_llm":
-        from convert.gguf_llm import convert_gguf_llm
+        from convert.llm_gguf import convert_gguf_llm
 
         [gguf_name] = source.files
         convert_gguf_llm(work / gguf_name, out, dtype=source.dtype, force=True)

@@ -20,28 +20,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from common.config import (
-    added_option,
-    mark_stage_done,
-    save_resolved,
-    stage_is_current,
-    stage_key,
-)
+from common.config import added_option, save_resolved
 from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler, first_clip_indices
+from common.distributed import full_parameters, make_accelerator, prepare_frozen, whole_models
 from common.feature_store import SubsetView
 from common.features import FeatureConfig
 from common.splits import load_split
+from common.stages import mark_stage_done, stage_is_current, stage_key
 from common.tracking import MetricLogger
-from common.training import (
-    LoopConfig,
-    OptimConfig,
-    fit,
-    full_parameters,
-    make_accelerator,
-    prepare_frozen,
-    seed_everything,
-    whole_models,
-)
+from common.training import LoopConfig, OptimConfig, fit, seed_everything
 from distill.cross_tokenizer import VocabMap, align_spans, cross_tokenizer_kd, vocab_overlap
 from distill.feature_kd import FeatureKD, HiddenStateKD
 from distill.losses import KINDS, SparseTeacher, logit_kd
@@ -204,7 +191,7 @@ class Distiller(nn.Module):
         return self._teacher[0]
 
     def prepare_teacher(self, accelerator, loop: LoopConfig) -> None:
-        """Ready the online teacher for inference on this process (`common.training.prepare_frozen`: fp16, no
+        """Ready the online teacher for inference on this process (`common.distributed.prepare_frozen`: fp16, no
         optimizer state; sharded under ZeRO-3, replicated otherwise). No-op with a cached teacher."""
         if self.teacher is not None:
             self._teacher = list(prepare_frozen(self.teacher, accelerator, loop))  # [module, engine or None]

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 from common.cli import run
-from common.config import mark_stage_done, parse_cli, save_resolved, stage_is_current
+from common.config import parse_cli, save_resolved
 from common.dataset import DataConfig, scan_split
 from common.decode import GenerationConfig, decode
 from common.feature_store import with_feature_store
 from common.features import FeatureConfig
 from common.scoring import select_clips
+from common.stages import mark_stage_done, stage_is_current
 from distill.cross_tokenizer import sequence_kd_records
 from teacher.checkpoint import load_model_folder
 

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from common.config import ConfigError, load_config
-from evaluation.efficiency import ATTENTION_CHOICES, EfficiencyConfig, compare, release_memory, set_attention
-from evaluation.run import JobConfig, efficiency_clips, load_model, load_test_split
+from evaluation.efficiency import ATTENTION_CHOICES, EfficiencyConfig, compare, set_attention
+from evaluation.job import JobConfig, efficiency_clips, load_model, load_test_split
+from evaluation.memory import release_memory
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 HACKATHON_INPUT_SECONDS = 10.0

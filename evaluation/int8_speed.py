@@ -44,7 +44,7 @@ def quantized(model: nn.Module, scheme: str) -> nn.Module:
     if scheme != "float32":
         from torchao.quantization import quantize_
 
-        from prune.quantize import torchao_config
+        from prune.int8 import torchao_config
 
         quantize_(model, torchao_config(scheme), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn != "lm_head")
     return model

@@ -21,7 +21,7 @@ import torch
 
 from common.config import parse_cli
 from evaluation.efficiency import compare
-from evaluation.run import JobConfig, efficiency_clips, load_model, load_test_split
+from evaluation.job import JobConfig, efficiency_clips, load_model, load_test_split
 
 RATIOS = ("ttft_ms", "tpot_ms", "ttft_ms_paired", "tpot_ms_paired")
 TOLERANCE = 0.05

@@ -26,9 +26,6 @@ if __name__ == "__main__":  # before the heavy imports below: answer --help from
 
     before_imports()
 
-import contextlib
-import csv
-import fcntl
 import hashlib
 import json
 import os
@@ -37,13 +34,15 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import run
 from common.config import ConfigError, config_hash, load_job_config, parse_cli, read_yaml, save_resolved
+from common.stages import ABLATION_DONE, DONE, input_stamp, is_marked, stage_lock, write_marker
 from common.tracking import LOG_OWNER
-from experiments.table import HEADERS, QUALITY, RATIOS, SIZES, mean_std
+from experiments.ablation_config import STAGE_IO, JobConfig, Row, StageRun
+from experiments.table import QUALITY, RATIOS, write_tables
 
 
 def teacher_identity(folder: str) -> str:
@@ -54,108 +53,15 @@ def teacher_identity(folder: str) -> str:
     return identity(folder)
 
 
-@dataclass(frozen=True)
-class StageIO:
-    """How the runner drives one stage job: where its seed goes and what `{prev}` means after it."""
-
-    seed_key: str | None
-    """Dotted config key that takes the row's seed (None: the job has no randomness of its own)."""
-    output: str
-    """Path under the job's `output_dir` of what the next stage consumes ('' = the folder itself)."""
-
-
-STAGE_IO = {
-    "distill.train": StageIO("loop.seed", "model"),
-    "distill.sequence_kd": StageIO(None, "train.json"),
-    "teacher.cache": StageIO("seed", ""),
-    "prune.structured": StageIO("seed", "model"),
-    "prune.quantize": StageIO(None, "model"),
-}
-
-
-@dataclass
-class StageRun:
-    config: str = ""
-    """A stage config of the preset by name: `distill` runs `configs/<preset>/distill.yaml`."""
-    overrides: list[str] = field(default_factory=list)
-    """`key=value` overrides for that config; `{prev}` is replaced by the previous stage's output."""
-    seeded: bool = True
-    """Give this stage the row's seed; false runs it once for all seeds (e.g. a teacher cache)."""
-
-
-@dataclass
-class Row:
-    name: str = ""
-    stages: list[StageRun] = field(default_factory=list)
-    """The stages that produce the row's model, in order; empty when `path` names a finished model."""
-    path: str = ""
-    """A finished model folder (the teacher's row); used instead of stages."""
-    loader: str = "student.build:load_student_folder"
-    """`module:function` that loads the row's final model for evaluation."""
-    seeds: list[int] = field(default_factory=list)
-    """This row's seeds, when it needs other ones than the table's `seeds` (e.g. more, to settle a close call)."""
-    tags: dict[str, float] = field(default_factory=dict)
-    """What the figures plot the row against: `keep_ratio` (BEATs tokens kept), `prune_ratio` and `recovery`
-    (0/1), `int8` (0/1)."""
-
-
-@dataclass
-class TeacherRef:
-    path: str = "outputs/toy/teacher/model"
-    loader: str = "teacher.checkpoint:load_model_folder"
-
-
-@dataclass
-class JobConfig:
-    """Run the ablation rows, score them, write the table."""
-
-    preset: str = "toy"
-    """Stage configs come from `configs/<preset>/`."""
-    configs_root: str = "configs"
-    teacher: TeacherRef = field(default_factory=TeacherRef)
-    """The reference of every efficiency ratio, measured in each row's evaluation process."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    rows: list[Row] = field(default_factory=list)
-    evaluate: list[str] = field(default_factory=list)
-    """Overrides for `configs/<preset>/evaluate.yaml` in every row's evaluation (e.g. `max_clips_per_task=100`)."""
-    only: list[str] = field(default_factory=list)
-    """Run and tabulate only these rows (by name); empty = all."""
-    reuse_from: list[str] = field(default_factory=list)
-    """`output_dir`s of other tables of the preset whose finished stages this one adopts instead of training them
-    again: a stage folder there with this stage's name (the same job, config text, overrides, seed, teacher and
-    inputs) and a finished marker is copied in, weights byte for byte, its bookkeeping pointed at this folder and an
-    `ADOPTED_FROM` file written. Safe because a stage's result is a function of its name: training is deterministic
-    on one machine (a rerun gives the same weights, bit for bit)."""
-    jobs: int = 1
-    """Row seeds run at once, each stage its own process (`jobs=2` on 2 cores: two one-thread trainings; the stage
-    processes get OMP_NUM_THREADS = cores / jobs unless it is set). Seeds that share a stage wait for one run of
-    it. The efficiency ratios are then measured beside another job: noisier."""
-    status: bool = False
-    """Print what is finished, started and still to run for every row and seed, then stop without running
-    anything (for a table that takes hours: what is left, after an interruption or on another machine)."""
-    output_dir: str = "outputs/toy/ablation"
-    runs_dir: str = "runs/toy/ablation"
-    """TensorBoard logs of every training stage: `<runs_dir>/<stage folder name>/`."""
-    table_dir: str = "paper/tables"
-    table_name: str = "ablation"
-    config_path: str = ""
-    """Set by the runner to the YAML it was started with (for the commands it prints); leave empty."""
-
-
 def _digest(*parts: object) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _inputs(overrides: list[str]) -> list:
-    """Stamps (names, sizes, mtimes) of the existing files and folders that literal `key=path` overrides name, so a
+def _inputs(overrides: list[str]) -> list[str]:
+    """`common.stages.input_stamp` of the existing files and folders that literal `key=path` overrides name, so a
     stage started from a model outside the ablation (`model=outputs/toy/student/model`) reruns when it changes."""
-    stamps = []
-    for item in overrides:
-        value = Path(item.partition("=")[2])
-        if item.partition("=")[2] and value.exists():
-            stamps.append(teacher_identity(str(value)) if value.is_dir()
-                          else [str(value), value.stat().st_size, value.stat().st_mtime_ns])
-    return stamps
+    paths = [item.partition("=")[2] for item in overrides]
+    return [input_stamp(path) for path in paths if path and Path(path).exists()]
 
 
 def stage_job(cfg: JobConfig, stage: StageRun) -> tuple[str, Path]:
@@ -249,10 +155,9 @@ def plan_eval(cfg: JobConfig, row: Row, model: Path, is_teacher: bool) -> tuple[
 def evaluate_model(cfg: JobConfig, row: Row, model: Path, is_teacher: bool) -> tuple[dict, dict, list[str]]:
     """Score one model (quality, and efficiency against the teacher in the same process): (results, ratios, cmd)."""
     out, command = plan_eval(cfg, row, model, is_teacher)
-    done = out / "DONE"
-    if not _finished(done, command):
+    if not is_marked(out, shlex.join(command), DONE):
         run_logged(command, out.with_suffix(".log"), f"evaluation of '{row.name}' ({model})")
-        done.write_text(shlex.join(command))
+        write_marker(out, shlex.join(command), DONE)
     results = json.loads((out / "model" / "results.json").read_text())
     ratios = json.loads((out / "comparison.json").read_text())["ratios"]["model"]
     return results, ratios, command
@@ -266,10 +171,6 @@ def row_seeds(cfg: JobConfig, row: Row) -> list[int]:
 
 def is_teacher_row(cfg: JobConfig, row: Row) -> bool:
     return not row.stages and Path(row.path).resolve() == Path(cfg.teacher.path).resolve()
-
-
-def _finished(marker: Path, command: list[str]) -> bool:
-    return marker.is_file() and marker.read_text() == shlex.join(command)
 
 
 def report_status(cfg: JobConfig, rows: list[Row]) -> dict[str, int]:
@@ -288,7 +189,7 @@ def report_status(cfg: JobConfig, rows: list[Row]) -> dict[str, int]:
             planned, model = plan_row(cfg, row, seed)
             states = []
             for stage in planned:
-                if _finished(stage.output_dir / "ABLATION_DONE", stage.command):
+                if is_marked(stage.output_dir, shlex.join(stage.command), ABLATION_DONE):
                     state = "done"
                 elif stage.output_dir.exists():
                     state = "started"
@@ -306,7 +207,7 @@ def report_status(cfg: JobConfig, rows: list[Row]) -> dict[str, int]:
             evaluated = False
             if Path(model).exists():
                 out, command = plan_eval(cfg, row, Path(model), is_teacher_row(cfg, row))
-                evaluated = _finished(out / "DONE", command)
+                evaluated = is_marked(out, shlex.join(command), DONE)
             counts["evals_done"] += evaluated
             states.append("evaluation " + ("done" if evaluated else "to run"))
             print(f"  seed {seed}: " + " · ".join(states))
@@ -326,7 +227,7 @@ def adoptable(cfg: JobConfig, stage: PlannedStage) -> Path | None:
     """The first finished folder of this very stage in one of `cfg.reuse_from`, if any."""
     for other in cfg.reuse_from:
         source = Path(other) / "stages" / stage.output_dir.name
-        marker = source / "ABLATION_DONE"
+        marker = source / ABLATION_DONE
         if source.resolve() != stage.output_dir.resolve() and marker.is_file() and \
                 _split_paths(shlex.split(marker.read_text()))[0] == _split_paths(stage.command)[0]:
             return source
@@ -337,7 +238,7 @@ def adopt(stage: PlannedStage, source: Path) -> None:
     """Copy a finished stage folder of another table into `stage.output_dir`, with its log and TensorBoard folder,
     and point its bookkeeping here: every `config.yaml` the job wrote is written again for this folder's resolved
     config, and every `DONE` marker gets that config's hash (the input stamps after it stay: same inputs)."""
-    source_command = shlex.split((source / "ABLATION_DONE").read_text())
+    source_command = shlex.split((source / ABLATION_DONE).read_text())
     source_paths = _split_paths(source_command)[1]
     source_cfg = load_job_config(stage.config, source_command[5:])
     mine = load_job_config(stage.config, stage.overrides)
@@ -347,10 +248,10 @@ def adopt(stage: PlannedStage, source: Path) -> None:
     for path in tmp.rglob("config.yaml"):
         if path.read_text().startswith(f"# resolved config, hash {old_hash}\n"):
             save_resolved(mine, path.parent)
-    for path in tmp.rglob("DONE"):
+    for path in tmp.rglob(DONE):
         parts = path.read_text().split()
         if parts and parts[0] == old_hash:
-            path.write_text(" ".join([new_hash, *parts[1:]]) + "\n")
+            write_marker(path.parent, " ".join([new_hash, *parts[1:]]), DONE)
     if source.with_suffix(".log").is_file():
         shutil.copy2(source.with_suffix(".log"), stage.output_dir.with_suffix(".log"))
     source_logs = next((a.partition("=")[2] for a in source_paths if a.startswith("log_dir=")), "")
@@ -360,24 +261,15 @@ def adopt(stage: PlannedStage, source: Path) -> None:
         for owner in Path(my_logs).rglob(LOG_OWNER):  # it names the source's output folder, not this one: the copies
             owner.unlink()  # are unclaimed, kept by a resume here and moved aside (not deleted) by a fresh start
     (tmp / "ADOPTED_FROM").write_text(f"{source}\n")
-    (tmp / "ABLATION_DONE").write_text(shlex.join(stage.command))
+    write_marker(tmp, shlex.join(stage.command), ABLATION_DONE)
     tmp.rename(stage.output_dir)
 
 
-@contextlib.contextmanager
 def _lock(cfg: JobConfig, path: Path):
-    """Hold the lock of one stage folder or model (an flock on a file under `<output_dir>/locks/`): two row seeds
-    that share a stage (the pruning rows start from the recipe's students) wait for each other, and the second
-    reuses what the first made, whether they run in threads of one process (`jobs`) or in two processes (`only=`)."""
-    locks = Path(cfg.output_dir) / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    name = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:16]
-    with open(locks / f"{name}.lock", "w") as handle:  # an open file description of its own: threads exclude too
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """`common.stages.stage_lock` of one stage folder or model under `<output_dir>/locks/`: two row seeds that share
+    a stage (the pruning rows start from the recipe's students) wait for each other, and the second reuses what the
+    first made, whether they run in threads of one process (`jobs`) or in two processes (`only=`)."""
+    return stage_lock(Path(cfg.output_dir) / "locks", path)
 
 
 def run_seed(cfg: JobConfig, row: Row, seed: int) -> dict:
@@ -385,8 +277,7 @@ def run_seed(cfg: JobConfig, row: Row, seed: int) -> dict:
     planned, model = plan_row(cfg, row, seed)
     for stage in planned:
         with _lock(cfg, stage.output_dir):
-            marker = stage.output_dir / "ABLATION_DONE"
-            if _finished(marker, stage.command):
+            if is_marked(stage.output_dir, shlex.join(stage.command), ABLATION_DONE):
                 print(f"  [{row.name} | seed {seed}] reuse {stage.output_dir}", flush=True)
             elif not stage.output_dir.exists() and (source := adoptable(cfg, stage)) is not None:
                 print(f"  [{row.name} | seed {seed}] adopt {source} → {stage.output_dir}", flush=True)
@@ -394,7 +285,7 @@ def run_seed(cfg: JobConfig, row: Row, seed: int) -> dict:
             else:
                 print(f"  [{row.name} | seed {seed}] {shlex.join(stage.command)}", flush=True)
                 run_logged(stage.command, stage.output_dir.with_suffix(".log"), f"row '{row.name}' seed {seed}")
-                marker.write_text(shlex.join(stage.command))
+                write_marker(stage.output_dir, shlex.join(stage.command), ABLATION_DONE)
     with _lock(cfg, model):
         results, ratios, eval_command = evaluate_model(cfg, row, model, is_teacher=is_teacher_row(cfg, row))
     values = {k: results.get(k) for k in QUALITY}
@@ -442,85 +333,6 @@ def run_parallel(cfg: JobConfig, rows: list[Row], record) -> None:
                 record(assemble_row(row, [done[row.name][s] for s in seeds]))
     if failure is not None:
         raise failure
-
-
-def summarise(row: dict) -> dict[str, tuple[float | None, float | None]]:
-    cells = {k: mean_std([s[k] for s in row["seeds"]]) for k in QUALITY}
-    cells.update({k: mean_std([s[f"{k}_ratio"] for s in row["seeds"]]) for k in RATIOS})
-    scale = {"params_m": ("params", 1e6), "weight_mb": ("weight_bytes", 2**20)}
-    cells.update({k: mean_std([None if s.get(src) is None else s[src] / div for s in row["seeds"]])
-                  for k, (src, div) in scale.items()})
-    return cells
-
-
-def _cell(mean: float | None, std: float | None, digits: int = 3) -> str:
-    if mean is None:
-        return "n/a"
-    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def row_command(cfg: JobConfig, name: str) -> str:
-    return f"python -m experiments ablation --config {cfg.config_path} only={shlex.quote(json.dumps([name]))}"
-
-
-def write_tables(cfg: JobConfig, rows: list[dict], missing: list[str] | None = None) -> list[Path]:
-    """`<table_name>.md`, `.csv`, `.tex`, `_commands.md` and `_rows.json` under `table_dir`; returns the paths.
-    `missing` names the config's rows not run yet: the Markdown table says so under it."""
-    out = Path(cfg.table_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    keys = (*QUALITY, *SIZES, *RATIOS)
-    summaries = [summarise(r) for r in rows]
-
-    md = [f"| row | {' | '.join(HEADERS[k] for k in keys)} | seeds |", "|---" * (len(keys) + 2) + "|"]
-    for row, cells in zip(rows, summaries, strict=True):
-        md.append(f"| {row['name']} | " + " | ".join(_cell(*cells[k]) for k in keys) + f" | {len(row['seeds'])} |")
-    unavailable = {k: v for r in rows for k, v in r["unavailable"].items()}
-    notes = [f"- {HEADERS[k]} n/a: {reason}" for k, reason in sorted(unavailable.items())]
-    if missing:
-        notes.insert(0, f"- **Incomplete:** {len(missing)} of the config's {len(rows) + len(missing)} rows have not "
-                        f"run yet ({'; '.join(missing)}); `status=true` tells what is left.")
-    md_text = "\n".join([
-        f"# {cfg.table_name.capitalize()} ({cfg.preset} preset)", "",
-        "Quality on the test split; the × columns are ratios to the teacher measured in the same process as the",
-        "row's model (× < 1 is smaller / faster). Mean ± sample std over the seeds; rows without stages (a finished",
-        "model) run once.", "", *md, "", *notes, "",
-        f"Regenerate everything: `python -m experiments ablation --config {cfg.config_path}`; one row: the command in",
-        f"`{cfg.table_name}.csv`; every stage command: `{cfg.table_name}_commands.md`.", ""])
-    md_path = out / f"{cfg.table_name}.md"
-    md_path.write_text(md_text)
-
-    csv_path = out / f"{cfg.table_name}.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["row", *[f"{k}_{s}" for k in keys for s in ("mean", "std")], "seeds", "command"])
-        for row, cells in zip(rows, summaries, strict=True):
-            values = [("" if v is None else f"{v:.6g}") for k in keys for v in cells[k]]
-            writer.writerow([row["name"], *values, len(row["seeds"]), row_command(cfg, row["name"])])
-
-    def tex_escape(text: str) -> str:
-        return text.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_")
-
-    tex = [r"\begin{tabular}{l" + "r" * len(keys) + "}", r"\toprule",
-           "Row & " + " & ".join(tex_escape(HEADERS[k]).replace("×", r"$\times$") for k in keys) + r" \\",
-           r"\midrule"]
-    for row, cells in zip(rows, summaries, strict=True):
-        tex.append(tex_escape(row["name"]) + " & "
-                   + " & ".join(_cell(*cells[k]).replace("±", r"$\pm$") for k in keys) + r" \\")
-    tex += [r"\bottomrule", r"\end{tabular}", ""]
-    tex_path = out / f"{cfg.table_name}.tex"
-    tex_path.write_text("\n".join(tex))
-
-    lines = [f"# Commands behind {cfg.table_name}.md", ""]
-    for row in rows:
-        lines += [f"## {row['name']}", "", f"    {row_command(cfg, row['name'])}", ""]
-        for entry in row["commands"]:
-            lines.append(f"seed {entry['seed']}:")
-            lines += ["", *[f"    {c}" for c in entry["stages"]], f"    {entry['evaluate']}", ""]
-    commands_path = out / f"{cfg.table_name}_commands.md"
-    commands_path.write_text("\n".join(lines))
-    rows_path = out / f"{cfg.table_name}_rows.json"
-    rows_path.write_text(json.dumps({row["name"]: row for row in rows}, indent=1) + "\n")
-    return [md_path, csv_path, tex_path, commands_path, rows_path]
 
 
 def main(argv: list[str] | None = None) -> int:

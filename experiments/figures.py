@@ -6,7 +6,7 @@ Reads `runs/<preset>/<run>/metrics.jsonl` (every training run's scalars, written
 ablation's rows (from `python -m experiments ablation --config configs/<preset>/ablation.yaml`: its
 `outputs/<preset>/ablation/rows.json`, or in a clone without it the `paper/tables/ablation_rows.json` kept beside
 the table) and
-`outputs/<preset>/bench/token_pruning.json` (from `python -m student.token_pruning --out ...`), and writes:
+`outputs/<preset>/bench/token_pruning.json` (from `python -m student.token_pruning_bench --out ...`), and writes:
 
 - `loss_<run>.png`: every loss term of a training run, one panel each, against the step (the logged values faint,
   their exponential moving average solid);
@@ -46,7 +46,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common.cli import run
 from common.config import load_config  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
-from experiments.ablation import JobConfig  # noqa: E402
+from experiments.ablation_config import JobConfig  # noqa: E402
 from experiments.table import QUALITY, RATIOS, mean_std  # noqa: E402
 
 NOT_LOSSES = ("lr", "grad_norm", "tokens_per_s", "memory_mb", "skipped_steps", "aligned_fraction", "carried_mass")
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"figures: no ablation rows at {rows_paths[0]} (python -m experiments ablation makes them); "
               "pareto and pruning figures skipped")
     if bench is None:
-        print(f"figures: no {bench_path} (python -m student.token_pruning --out {bench_path} makes it)")
+        print(f"figures: no {bench_path} (python -m student.token_pruning_bench --out {bench_path} makes it)")
     written += [plot_pareto(rows, out), plot_token_keep(rows, bench, out), plot_pruning(rows, out)]
     for path in written:
         if path is not None:

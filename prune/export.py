@@ -37,9 +37,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from common.cli import run
-from common.config import mark_stage_done, parse_cli, read_yaml, save_resolved, stage_is_current
+from common.config import parse_cli, read_yaml, save_resolved
 from common.results import format_summary, load_results
 from common.sizes import count_parameters, weight_bytes
+from common.stages import mark_stage_done, stage_is_current
 from prune.skeleton import build_skeleton, check_keys, flat_state, merge_lora, read_salmonn_config, write_configs
 from student.build import load_student_folder
 from teacher.build import DTYPES

@@ -22,7 +22,6 @@ if __name__ == "__main__":  # before the heavy imports below: answer --help from
 
 import dataclasses
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -33,22 +32,16 @@ import numpy as np
 import torch
 
 from common.cli import run
-from common.config import (
-    ConfigError,
-    load_job_config,
-    mark_stage_done,
-    parse_cli,
-    save_resolved,
-    stage_is_current,
-)
+from common.config import ConfigError, load_job_config, parse_cli, save_resolved
 from common.dataset import AudioTextCollator
 from common.device import resolve_device
 from common.model import move_batch
 from common.sizes import count_parameters
+from common.stages import mark_stage_done, stage_is_current
 from common.training import seed_everything
 from distill.distiller import DistillConfig, build_distiller, load_transfer_set, run_distillation
 from prune.skeleton import merge_lora, read_salmonn_config
-from prune.width import Criterion, DepGraphLog, HeadMode, Widths, prune_to, widths
+from prune.width import Criterion, DepGraphLog, HeadMode, Widths, kept_channels, kept_units, prune_to, widths
 from student.build import load_student_folder, save_student_folder
 from teacher.build import SalmonnConfig
 from teacher.checkpoint import MODEL_CONFIG
@@ -160,21 +153,6 @@ def check_recovery_warmup(cfg: JobConfig) -> None:
 
 
 # ----- widths per schedule step ---------------------------------------------------------------------------------
-
-
-def kept_channels(total: int, ratio: float, multiple: int) -> int:
-    """Channels left of `total` after removing `ratio` of them, rounded to a multiple of `multiple` (≥ multiple)."""
-    if ratio <= 0:
-        return total
-    kept = total - math.floor(total * ratio + 1e-9)
-    if multiple > 1:
-        kept = max(multiple, math.floor(kept / multiple + 0.5) * multiple)  # halves round up: keep more
-    return min(kept, total)
-
-
-def kept_units(total: int, ratio: float) -> int:
-    """Whole units (heads, KV groups) left of `total` after removing `ratio` of them, at least one."""
-    return max(1, total - math.floor(total * ratio + 1e-9))
 
 
 def target_widths(original: Widths, ratios: Ratios, fraction: float) -> Widths:

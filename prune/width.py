@@ -29,6 +29,7 @@ same slices, from gradients already accumulated by a calibration pass: GroupTayl
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -71,6 +72,21 @@ class Widths:
     """Whisper heads per layer."""
     beats_mlp: int
     """BEATs encoder_ffn_embed_dim (0 without BEATs)."""
+
+
+def kept_channels(total: int, ratio: float, multiple: int) -> int:
+    """Channels left of `total` after removing `ratio` of them, rounded to a multiple of `multiple` (≥ multiple)."""
+    if ratio <= 0:
+        return total
+    kept = total - math.floor(total * ratio + 1e-9)
+    if multiple > 1:
+        kept = max(multiple, math.floor(kept / multiple + 0.5) * multiple)  # halves round up: keep more
+    return min(kept, total)
+
+
+def kept_units(total: int, ratio: float) -> int:
+    """Whole units (heads, KV groups) left of `total` after removing `ratio` of them, at least one."""
+    return max(1, total - math.floor(total * ratio + 1e-9))
 
 
 # ----- guards ------------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ every count is `sum(p.numel())` of the real modules.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from transformers import AutoConfig, Gemma2Config, LlamaConfig, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from common.hub import parse_hub_id
+from prune.width import kept_channels, kept_units
 from teacher.beats import BEATs, BEATsConfig
 from teacher.build import (
     BeatsEncoderConfig,
@@ -36,6 +36,7 @@ from teacher.build import (
     load_tokenizer,
 )
 from teacher.qformer import QFormerConfig, WindowQFormer
+from teacher.salmonn import salmonn_parts
 
 WHISPER = {
     # openai/whisper-large-v2 config.json (encoder and decoder; smolt builds only the encoder).
@@ -155,22 +156,6 @@ def llm_config(cfg: LLMConfig, where: str = "llm.path"):
     return config
 
 
-def kept_channels(total: int, ratio: float, multiple: int = ROUND_TO) -> int:
-    """Channels left of `total` after removing `ratio` of them, rounded to a multiple of `multiple` (halves up),
-    as `prune.structured` keeps them."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"a pruning ratio must be in [0, 1), got {ratio}")
-    if ratio == 0:
-        return total
-    kept = total - math.floor(total * ratio + 1e-9)
-    return min(total, max(multiple, math.floor(kept / multiple + 0.5) * multiple))
-
-
-def kept_units(total: int, ratio: float) -> int:
-    """Whole units (heads, KV groups) left of `total` after removing `ratio` of them, at least one."""
-    return max(1, total - math.floor(total * ratio + 1e-9))
-
-
 class MetaSalmonn(nn.Module):
     """SALMONN's parts on the meta device, under `Salmonn`'s attribute names (so parameter names match it).
 
@@ -192,14 +177,8 @@ class MetaSalmonn(nn.Module):
         self.lora = lora
 
     def parts(self) -> dict[str, nn.Module]:
-        """The same parts as `Salmonn.parts()`."""
-        parts = {"speech_encoder": self.speech_encoder, "llm": self.llm}
-        glue = nn.ModuleList([self.ln_speech, self.qformer, self.projector])
-        if self.audio_encoder is not None:
-            parts["audio_encoder"] = self.audio_encoder
-            glue.append(self.ln_audio)
-        parts["qformer_projector"] = glue
-        return parts
+        """The same parts as `Salmonn.parts()` (`teacher.salmonn.salmonn_parts`)."""
+        return salmonn_parts(self)
 
 
 def build_meta(whisper: WhisperConfig, beats: BEATsConfig | None, qformer: QFormerConfig, llm, llm_dtype: str,
@@ -213,13 +192,15 @@ def build_meta(whisper: WhisperConfig, beats: BEATsConfig | None, qformer: QForm
             channels of the LLM, Whisper and BEATs (rounded to multiples of 8), the LLM's KV groups (each with its
             query heads) and Whisper's heads (whole, head width kept). Hidden widths and the Q-Former stay whole.
     """
+    if not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"a pruning ratio must be in [0, 1), got {prune_ratio}")
     whisper = WhisperConfig.from_dict(whisper.to_dict())
     if whisper_layers:
         whisper.encoder_layers = whisper_layers
-    whisper.encoder_ffn_dim = kept_channels(whisper.encoder_ffn_dim, prune_ratio)
+    whisper.encoder_ffn_dim = kept_channels(whisper.encoder_ffn_dim, prune_ratio, ROUND_TO)
     if beats is not None:
         beats = dataclasses.replace(beats, encoder_ffn_embed_dim=kept_channels(beats.encoder_ffn_embed_dim,
-                                                                               prune_ratio))
+                                                                               prune_ratio, ROUND_TO))
     llm = type(llm).from_dict(llm.to_dict())
     if prune_ratio:
         kv = llm.num_key_value_heads or llm.num_attention_heads
@@ -228,7 +209,7 @@ def build_meta(whisper: WhisperConfig, beats: BEATsConfig | None, qformer: QForm
         per_group = llm.num_attention_heads // kv
         llm.num_key_value_heads = kept_units(kv, prune_ratio)
         llm.num_attention_heads = llm.num_key_value_heads * per_group
-        llm.intermediate_size = kept_channels(llm.intermediate_size, prune_ratio)
+        llm.intermediate_size = kept_channels(llm.intermediate_size, prune_ratio, ROUND_TO)
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

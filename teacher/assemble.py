@@ -17,19 +17,17 @@ if __name__ == "__main__":  # before the heavy imports below: answer --help from
 
     before_imports()
 
-import dataclasses
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from common.cli import run
-from common.config import mark_stage_done, parse_cli, stage_is_current, to_dict
+from common.config import parse_cli
 from common.hub import local_folder
+from common.stages import mark_stage_done, stage_is_current
 from teacher.build import CheckpointError, SalmonnConfig
-from teacher.checkpoint import MODEL_CONFIG, load_model_folder
+from teacher.checkpoint import load_model_folder, write_model_config
 
 
 @dataclass
@@ -86,14 +84,7 @@ def assemble(cfg: SalmonnConfig, folder: Path) -> Path:
     (tmp / "salmonn.pth").symlink_to(sources["checkpoint"])
     if "beats" in sources:
         (tmp / "beats.pt").symlink_to(sources["beats"])
-    folder_cfg = dataclasses.replace(
-        cfg,
-        whisper=dataclasses.replace(cfg.whisper, path="whisper"),
-        beats=dataclasses.replace(cfg.beats, path="beats.pt" if "beats" in sources else ""),
-        llm=dataclasses.replace(cfg.llm, path="llm", tokenizer=""),
-        checkpoint="salmonn.pth",
-    )
-    (tmp / MODEL_CONFIG).write_text(yaml.safe_dump(to_dict(folder_cfg), sort_keys=False))
+    write_model_config(cfg, tmp, beats="beats" in sources)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder

@@ -10,6 +10,10 @@ including the shared `relative_attention_bias`, which appears under every layer'
 
 The layer loop is exposed (`BEATsEncoder.run_layers`) with a callback between layers and per-token
 original positions, so a student can drop tokens mid-encoder and keep the relative position bias right.
+
+One file on purpose (over 500 lines): it is one model, read side by side with the official `BEATs.py` /
+`backbone.py` and the checkpoints' key names; split into rooms, the parity with those files (tested against the
+official code's features in `tests/test_beats.py`) would be harder to check, not easier.
 """
 
 from __future__ import annotations

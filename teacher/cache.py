@@ -25,12 +25,13 @@ import torch
 from tqdm import tqdm
 
 from common.cli import run
-from common.config import mark_stage_done, parse_cli, stage_is_current
+from common.config import config_hash, parse_cli
 from common.dataset import AudioTextCollator, DataConfig, scan_split
 from common.device import InferenceDtype, place_for_inference
 from common.feature_store import with_feature_store
 from common.features import FeatureConfig
 from common.model import move_batch
+from common.stages import DONE, clear_marker, mark_stage_done, stage_is_current
 from teacher.build import LLMConfig, SalmonnConfig, build_salmonn, load_tokenizer
 from teacher.cache_identity import sample_keys, teacher_identity, teacher_tokenizer_identity
 from teacher.cache_store import (
@@ -38,9 +39,8 @@ from teacher.cache_store import (
     CachedSample,
     CacheIdentity,
     CacheReader,
-    CacheWriter,
-    config_hash,
 )
+from teacher.cache_writer import CacheWriter
 from teacher.checkpoint import load_model_folder
 from teacher.encoder_store import with_cached_encoders
 from teacher.qformer import num_windows
@@ -150,12 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     collate = AudioTextCollator(model.tokenizer)
     # A finished cache of another config or teacher is this stage's own stale output: rebuilt, as every stage
     # reruns when its inputs change. An unfinished one resumes, and the writer refuses it if it was another's.
-    stale = (out_dir / "DONE").is_file()
+    stale = (out_dir / DONE).is_file()
     if stale and not force:
         print(f"{out_dir}: the finished cache there was built from another config or teacher; rebuilding it")
     writer = CacheWriter(out_dir, cache_identity(cfg, model.tokenizer), sample_keys(dataset), cfg.shard_size,
                          force=force or stale)
-    (out_dir / "DONE").unlink(missing_ok=True)  # an interrupted rebuild then resumes instead of starting over
+    clear_marker(out_dir)  # an interrupted rebuild then resumes instead of starting over
     pending = writer.pending_shards()
     print(f"{len(pending)} of {writer.num_shards} shards to compute")
     for shard in tqdm(pending, desc="cache shards", unit="shard", disable=None):

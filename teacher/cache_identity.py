@@ -8,10 +8,11 @@ import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
-from common.config import file_stamps
+from common.config import config_hash
 from common.feature_store import SubsetView
+from common.stages import file_stamps
 from teacher.build import SalmonnConfig
-from teacher.cache_store import config_hash, tokenizer_identity
+from teacher.cache_store import tokenizer_identity
 from teacher.checkpoint import MODEL_CONFIG, read_model_config
 from teacher.tokenizer import encoding_identity
 

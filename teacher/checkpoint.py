@@ -5,11 +5,14 @@ names and its loading into a built model are `teacher.official`'s.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
+from common.config import to_dict
 from teacher.official import ours_to_official, trained_glue_keys
 from teacher.salmonn import Salmonn
 
@@ -71,23 +74,25 @@ MODEL_CONFIG = "salmonn.yaml"
 
 def save_model_folder(model: Salmonn, cfg, out_dir: str | Path, extra: dict | None = None) -> Path:
     """`save_official_layout` plus `salmonn.yaml`: the SalmonnConfig that loads it back (paths relative)."""
-    import dataclasses
-
-    import yaml
-
-    from common.config import to_dict
-
     out = Path(out_dir)
     paths = save_official_layout(model, out, extra)
+    write_model_config(cfg, out, beats="beats" in paths)
+    return out
+
+
+def write_model_config(cfg, folder: Path, beats: bool) -> Path:
+    """`folder/salmonn.yaml`: the SalmonnConfig `cfg` with its paths pointing at the folder's own files (`whisper/`,
+    `llm/` with its tokenizer, `salmonn.pth`, and `beats.pt` when `beats`), so the folder loads wherever it is."""
     folder_cfg = dataclasses.replace(
         cfg,
         whisper=dataclasses.replace(cfg.whisper, path="whisper"),
-        beats=dataclasses.replace(cfg.beats, path="beats.pt" if "beats" in paths else ""),
+        beats=dataclasses.replace(cfg.beats, path="beats.pt" if beats else ""),
         llm=dataclasses.replace(cfg.llm, path="llm", tokenizer=""),
         checkpoint="salmonn.pth",
     )
-    (out / MODEL_CONFIG).write_text(yaml.safe_dump(to_dict(folder_cfg), sort_keys=False))
-    return out
+    path = folder / MODEL_CONFIG
+    path.write_text(yaml.safe_dump(to_dict(folder_cfg), sort_keys=False))
+    return path
 
 
 def legacy_beats_padding(folder: Path) -> str:

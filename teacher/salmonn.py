@@ -205,13 +205,7 @@ class Salmonn(AudioLanguageModel):
 
     # ----- parts and audio -------------------------------------------------------------------------------
     def parts(self) -> dict[str, nn.Module]:
-        parts = {"speech_encoder": self.speech_encoder, "llm": self.llm}
-        glue = nn.ModuleList([self.ln_speech, self.qformer, self.projector])
-        if self.audio_encoder is not None:
-            parts["audio_encoder"] = self.audio_encoder
-            glue.append(self.ln_audio)
-        parts["qformer_projector"] = glue
-        return parts
+        return salmonn_parts(self)
 
     @property
     def llm_dtype(self) -> torch.dtype:
@@ -443,3 +437,15 @@ class Salmonn(AudioLanguageModel):
             **generation_kwargs,
         )
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def salmonn_parts(model: nn.Module) -> dict[str, nn.Module]:
+    """The parts of a SALMONN-shaped model by `Salmonn`'s attribute names (also `scale.architectures.MetaSalmonn`,
+    on the meta device): both encoders, the LLM, and the glue between them (layer norms, Q-Former, projector)."""
+    parts = {"speech_encoder": model.speech_encoder, "llm": model.llm}
+    glue = nn.ModuleList([model.ln_speech, model.qformer, model.projector])
+    if model.audio_encoder is not None:
+        parts["audio_encoder"] = model.audio_encoder
+        glue.append(model.ln_audio)
+    parts["qformer_projector"] = glue
+    return parts

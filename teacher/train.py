@@ -25,11 +25,12 @@ import torch
 
 from common.bpe import train_bpe
 from common.cli import run
-from common.config import added_option, config_hash, mark_stage_done, parse_cli, save_resolved, stage_is_current
+from common.config import added_option, config_hash, parse_cli, save_resolved
 from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler
 from common.features import FeatureConfig
 from common.hub import is_hub_id
 from common.splits import load_split as load_data_split
+from common.stages import mark_stage_done, stage_is_current
 from common.tracking import MetricLogger
 from common.training import LoopConfig, OptimConfig, fit, seed_everything
 from teacher.build import SalmonnConfig, apply_lora, build_llm, build_salmonn

@@ -9,17 +9,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import teacher.cache_store as cache_store
+from common.config import config_hash
 from teacher.cache_store import (
     CachedSample,
     CacheError,
     CacheIdentity,
     CacheReader,
-    CacheWriter,
-    config_hash,
     shard_name,
     sidecar_name,
     tokenizer_identity,
 )
+from teacher.cache_writer import CacheWriter
 
 VOCAB = 50
 DIM = 6

@@ -15,11 +15,10 @@ from common.config import (
     from_dict,
     load_config,
     load_job_config,
-    mark_stage_done,
     parse_cli,
     save_resolved,
-    stage_is_current,
 )
+from common.stages import mark_stage_done, stage_is_current
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -213,7 +212,8 @@ def test_deepspeed_json_passes_deepspeeds_own_parser(name, stage):
     from accelerate.utils import DeepSpeedPlugin
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from common.training import LoopConfig, OptimConfig, fill_deepspeed_config
+    from common.distributed import fill_deepspeed_config
+    from common.training import LoopConfig, OptimConfig
 
     config = json.loads((CONFIGS / "deepspeed" / f"{name}.json").read_text())
     assert "optimizer" not in config and "scheduler" not in config  # torch's AdamW and fit's schedule

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from experiments.ablation import JobConfig, Row, StageRun, plan_row, row_seeds, write_tables
+from experiments.ablation import plan_row, row_seeds
+from experiments.ablation_config import JobConfig, Row, StageRun
 from experiments.figures import loss_terms, pareto_front
-from experiments.table import RATIOS, mean_std
+from experiments.table import RATIOS, mean_std, write_tables
 
 
 def write_preset(tmp_path):
@@ -373,7 +374,8 @@ def test_a_stage_finished_for_another_table_is_adopted_not_rerun(tmp_path, monke
     import shlex
 
     import experiments.ablation as ablation
-    from common.config import load_job_config, mark_stage_done, save_resolved, stage_is_current
+    from common.config import load_job_config, save_resolved
+    from common.stages import mark_stage_done, stage_is_current
 
     monkeypatch.chdir(tmp_path)
     cfg = write_preset(tmp_path)

@@ -10,7 +10,7 @@ from tiny_student import training_batch, write_student_folder
 from torchao.utils import TorchAOBaseTensor
 
 from common.sizes import weight_bytes
-from prune.quantize import MARKER, WEIGHTS, linear_names, load_int8_folder, quantize_modules
+from prune.int8 import MARKER, WEIGHTS, linear_names, load_int8_folder, quantize_modules
 from prune.quantize import main as quantize_main
 from student.build import load_student_folder
 

@@ -16,16 +16,15 @@ from student.token_pruning import (
     PrunedBEATs,
     TokenPruningConfig,
     beats_cost,
-    bench,
     fbank_frames,
     fuse_tokens,
     keep_counts,
     layer_token_counts,
-    main,
     patch_tokens,
     select_tokens,
     tome_merge,
 )
+from student.token_pruning_bench import bench, main
 from teacher.beats import BEATs, BEATsConfig, TokenState
 
 torch.set_num_threads(1)
