@@ -26,6 +26,7 @@ _RENAMES = [
      r"qformer.qformer.encoder.layer.\1.crossattention.attention."),
     (r"^speech_Qformer\.bert\.encoder\.", "qformer.qformer.encoder."),
     (r"^speech_query_tokens$", "qformer.query_tokens"),
+    (r"^speech_Qformer\.pool\.", "qformer.pool."),  # qformer.kind: pool (smolt's toy teachers; not in SALMONN)
     (r"^speech_llama_proj\.", "projector."),
     (r"^ln_speech\.", "ln_speech."),
     (r"^ln_audio\.", "ln_audio."),
@@ -83,6 +84,7 @@ def ours_to_official(key: str) -> str:
          r"speech_Qformer.bert.encoder.layer.\1.crossattention.self."),
         (r"^qformer\.qformer\.encoder\.", "speech_Qformer.bert.encoder."),
         (r"^qformer\.query_tokens$", "speech_query_tokens"),
+        (r"^qformer\.pool\.", "speech_Qformer.pool."),
         (r"^projector\.", "speech_llama_proj."),
         (r"^llm\.", "llama_model."),
     ]

@@ -1,8 +1,19 @@
 """SALMONN from official-layout checkpoints: loaders, key report, windowing, prompt wrapping, generation."""
 
+import dataclasses
+
 import pytest
 import torch
-from tiny_salmonn import tiny_batch, write_official_layout
+from tiny_salmonn import (
+    QFORMER,
+    tiny_batch,
+    tiny_config,
+    write_beats,
+    write_llama,
+    write_official_layout,
+    write_whisper,
+)
+from torch import nn
 
 from common.dataset import AudioTextCollator
 from teacher.build import CheckpointError, build_salmonn, load_whisper_encoder
@@ -82,6 +93,59 @@ def test_qformer_windows_88_for_30_seconds():
     assert windows.shape == (4, 17, 3)
     torch.testing.assert_close(windows[1], x[0, 17:34])
     torch.testing.assert_close(windows[2], x[1, :17])
+
+
+def test_pool_qformer_is_multi_head_attention_per_window():
+    """`kind: pool` is one multi-head cross-attention of the query over its window and a layer norm: it agrees with
+    torch's nn.MultiheadAttention given the same weights, and each output depends on its own window only."""
+    torch.manual_seed(0)
+    cfg = QFormerConfig(kind="pool", hidden_size=32, num_attention_heads=4, dropout=0.0)
+    qformer = WindowQFormer(cfg, encoder_dim=12).eval()
+    assert not hasattr(qformer, "qformer")
+    features = torch.randn(2, 40, 12)  # 2 windows of 17 frames per row (6 frames left over)
+    out = qformer(features)
+    assert out.shape == (2, 2, 32)
+    pool = qformer.pool
+    reference = nn.MultiheadAttention(32, 4, kdim=12, vdim=12, batch_first=True)
+    with torch.no_grad():
+        reference.q_proj_weight.copy_(pool.q_proj.weight)
+        reference.k_proj_weight.copy_(pool.k_proj.weight)
+        reference.v_proj_weight.copy_(pool.v_proj.weight)
+        reference.in_proj_bias.copy_(torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]))
+        reference.out_proj.load_state_dict(pool.out_proj.state_dict())
+        window = features[1:, 17:34]
+        expected, _ = reference(qformer.query_tokens, window, window)
+        # float32 attention written two ways (SDPA vs torch's fused path): rounding differences of ~1e-6
+        torch.testing.assert_close(out[1:, 1:], pool.norm(expected), atol=1e-5, rtol=1e-5)
+        changed = features.clone()
+        changed[0, :17] += 1.0  # row 0's first window only
+        moved = qformer(changed) - out
+    assert moved[0, 0].abs().max() > 1e-3
+    assert moved[0, 1].abs().max() == 0 and moved[1].abs().max() == 0
+    with pytest.raises(ValueError, match="qformer.kind"):
+        WindowQFormer(QFormerConfig(kind="perceiver", hidden_size=32, num_attention_heads=4), encoder_dim=12)
+
+
+def test_pool_qformer_survives_the_official_layout(tmp_path):
+    """A toy teacher with `kind: pool` writes its pool under `speech_Qformer.pool.*` and loads it back unchanged."""
+    assert official_to_ours("speech_Qformer.pool.k_proj.weight") == "qformer.pool.k_proj.weight"
+    assert ours_to_official("qformer.pool.k_proj.weight") == "speech_Qformer.pool.k_proj.weight"
+    root = tmp_path / "parts"
+    root.mkdir()
+    write_whisper(root / "whisper")
+    write_beats(root / "beats.pt")
+    write_llama(root / "llm")
+    cfg = dataclasses.replace(tiny_config(root, checkpoint=False),
+                              qformer=dataclasses.replace(QFORMER, kind="pool"))
+    torch.manual_seed(1)
+    model, _ = build_salmonn(cfg)
+    save_model_folder(model, cfg, tmp_path / "teacher")
+    again = load_model_folder(tmp_path / "teacher")
+    assert again.qformer.cfg.kind == "pool"
+    model.eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_audio(batch), model.encode_audio(batch))
 
 
 def test_prompt_wrapping_and_label_masking(official):
