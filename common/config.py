@@ -165,11 +165,29 @@ def apply_overrides(data: dict, overrides: list[str], cls: type) -> dict:
     return data
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, turning parser errors into a message with the file and line."""
+INCLUDE = "include"
+"""Top-level YAML key naming files (relative to the including file) whose mappings are read first and merged under
+this file's keys, e.g. a preset's `shared.yaml`, which names the data once for all its stages."""
+
+
+def merge_mappings(base: dict, top: dict) -> dict:
+    """`top` over `base`, nested mappings merged key by key (any other value in `top` replaces `base`'s)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = merge_mappings(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping, turning parser errors into a message with the file and line. Files named by its
+    `include:` key (a path or a list, relative to this file) are read first and this file's keys merged over them."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        where = f" (included by {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"{path}: config file not found{where}")
+    if path.resolve() in _chain:
+        raise ConfigError(f"{path}: includes itself through {' → '.join(str(p) for p in _chain)}; remove the cycle")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -178,7 +196,17 @@ def read_yaml(path: str | Path) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return data
+    includes = data.pop(INCLUDE, None)
+    if includes is None:
+        return data
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: `{INCLUDE}` must be a file name or a list of them (relative to this file)")
+    base: dict = {}
+    for name in includes:
+        base = merge_mappings(base, read_yaml(path.parent / name, (*_chain, path.resolve())))
+    return merge_mappings(base, data)
 
 
 def job_name(cls: type) -> str:

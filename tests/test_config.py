@@ -180,7 +180,8 @@ def test_stage_skip_marker(tmp_path):
 
 
 def test_every_yaml_is_a_job_or_an_accelerate_config():
-    others = sorted(p for p in CONFIGS.rglob("*.yaml") if p not in job_yamls())
+    """...or a preset's `shared.yaml`, which stage YAMLs include."""
+    others = sorted(p for p in CONFIGS.rglob("*.yaml") if p not in job_yamls() and p.name != "shared.yaml")
     assert others == sorted((CONFIGS / "accelerate").glob("*.yaml")), others
 
 
@@ -287,3 +288,33 @@ def test_log_dir_follows_an_output_dir_given_without_it(tmp_path):
     assert load_config(DistillJob, preset).log_dir == "runs/smoke/student"
     other = load_config(DistillJob, preset, ["kd.kd_weight=0", f"output_dir={tmp_path / 'other'}"])
     assert other.log_dir == str(tmp_path / "other" / "logs")
+
+
+def test_include_merges_under_the_file_and_refuses_cycles(tmp_path):
+    (tmp_path / "shared.yaml").write_text("name: shared\noptim:\n  lr: 0.5\n  betas: [0.1, 0.2]\nsteps: 3\n")
+    path = write(tmp_path, "include: shared.yaml\nsteps: 4\noptim:\n  lr: 0.25\n")
+    cfg = load_config(Job, path)
+    # the including file wins key by key, nested mappings merge, the rest comes from the included file
+    assert (cfg.name, cfg.steps, cfg.optim.lr, cfg.optim.betas) == ("shared", 4, 0.25, [0.1, 0.2])
+    assert load_config(Job, path, ["optim.lr=0.125"]).optim.lr == 0.125  # command-line overrides still win
+    (tmp_path / "a.yaml").write_text("include: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("include: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(Job, tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match=r"missing\.yaml: config file not found \(included by"):
+        load_config(Job, write(tmp_path, "include: [shared.yaml, missing.yaml]\n"))
+
+
+def test_every_preset_names_its_data_once():
+    """A preset's data paths live in its `shared.yaml`; no stage YAML repeats them (switching datasets is one edit)."""
+    for shared in sorted(CONFIGS.glob("*/shared.yaml")):
+        paths = {p for split in yaml.safe_load(shared.read_text())["data"].values() for p in split}
+        assert paths
+        for stage in sorted(shared.parent.glob("*.yaml")):
+            if stage == shared:
+                continue
+            raw = yaml.safe_load(stage.read_text()) or {}
+            named = {p for key in ("train", "valid", "test") for p in (raw.get("data") or {}).get(key, [])}
+            assert not named & paths, f"{stage} names {sorted(named & paths)}: leave them to {shared.name}"
+            if "data" in raw or raw.get("job") in ("teacher.train", "distill.train", "evaluation.run"):
+                assert raw.get("include") == "shared.yaml", f"{stage} does not include shared.yaml"
