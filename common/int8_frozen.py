@@ -1,0 +1,99 @@
+"""Frozen parts held in int8 while LoRA adapters train over them (`model.llm.int8_frozen`, `model.whisper.int8_frozen`).
+
+Every `nn.Linear` of a frozen part gets torchao's int8 weight-only tensor (`Int8WeightOnlyConfig` through
+`quantize_`: per output channel, symmetric, `qdata` int8 `[out, in]` and `scale` `[out, 1]` in the part's dtype),
+so its weights take 1 byte per parameter (+ one scale per row) instead of 4 (fp32) or 2 (fp16). The matmul runs
+in the activation dtype on the int8 weight cast back: it works on any CPU and on GPUs without int8 tensor cores or
+bf16 (a V100 runs it with fp16 activations). peft wraps such layers in `TorchaoLoraLinear`, whose adapters are plain
+fp32 (or the LLM's dtype) parameters; gradients flow through the int8 matmul into them, and the int8 weights
+(`requires_grad=False`) are never updated. bitsandbytes (LLM.int8, 4-bit) is not installed here and is not used.
+
+Embeddings and a head tied to them stay in floating point: only linear layers are quantized.
+
+What leaves the process is always plain floating point (`plain_state`): a model folder's `llm/` and `whisper/` hold
+the dequantized weights (exactly the values the int8 tensors stand for, in the part's dtype), so every existing
+loader reads them; a folder whose salmonn.yaml keeps `int8_frozen: true` quantizes them again when it is loaded
+(the same int8 values up to one step of the grid in a few elements: re-quantizing dequantized weights is close to,
+not exactly, idempotent). `dequantize_linears` turns a part back into plain floating point, e.g. before LoRA is
+merged into the LLM for pruning or export.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def is_int8(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is one of torchao's quantized tensors (the int8 weight of a frozen linear layer)."""
+    try:
+        from torchao.utils import TorchAOBaseTensor
+    except ImportError:  # torchao not installed: nothing can be int8
+        return False
+    return isinstance(tensor, TorchAOBaseTensor)
+
+
+def frozen_linear_names(part: nn.Module) -> list[str]:
+    """Names (in `part`) of its `nn.Linear` layers whose weight is not shared with an embedding (a tied LM head)."""
+    embeddings = {id(m.weight) for m in part.modules() if isinstance(m, nn.Embedding)}
+    return [name for name, m in part.named_modules()
+            if isinstance(m, nn.Linear) and id(m.weight) not in embeddings and not is_int8(m.weight)]
+
+
+def quantize_frozen(part: nn.Module) -> list[str]:
+    """Give every linear layer of `part` (see `frozen_linear_names`) an int8 weight-only weight in place; the part's
+    parameters are frozen (`requires_grad=False`). Call it before LoRA is applied (peft then wraps the int8 layers).
+    Returns the quantized layers' names."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    names = set(frozen_linear_names(part))
+    part.requires_grad_(False)
+    if names:
+        quantize_(part, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: fqn in names)
+    missed = [n for n in names if not is_int8(part.get_submodule(n).weight)]
+    if missed:
+        raise RuntimeError(f"torchao left {len(missed)} linear layers unquantized (e.g. {sorted(missed)[:3]})")
+    return sorted(names)
+
+
+def plain(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as a plain tensor: an int8 weight dequantized to its floating-point dtype, anything else as it is."""
+    return tensor.dequantize() if is_int8(tensor) else tensor
+
+
+def plain_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with every int8 weight dequantized (`plain`): what safetensors and HF `save_pretrained` take."""
+    return {name: plain(tensor) for name, tensor in state.items()}
+
+
+def dequantize_linears(part: nn.Module) -> int:
+    """Replace every int8 linear weight in `part` by a plain, frozen floating-point parameter; returns how many."""
+    count = 0
+    for module in part.modules():
+        if isinstance(module, nn.Linear) and is_int8(module.weight):
+            module.weight = nn.Parameter(module.weight.dequantize().detach().clone(), requires_grad=False)
+            count += 1
+    return count
+
+
+def weight_bytes(part: nn.Module) -> dict[str, int]:
+    """Bytes of `part`'s parameters: `int8` (the quantized weights: int8 values + scales), `int8_as_fp32` (what the
+    same weights take in fp32, 4 bytes each), `other` (every other parameter, e.g. embeddings and adapters)."""
+    out = {"int8": 0, "int8_as_fp32": 0, "other": 0}
+    seen = set()
+    for p in part.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if is_int8(p):
+            out["int8"] += p.qdata.numel() * p.qdata.element_size() + p.scale.numel() * p.scale.element_size()
+            out["int8_as_fp32"] += p.numel() * 4
+        else:
+            out["other"] += p.numel() * p.element_size()
+    return out
+
+
+def int8_config_error(key: str, trains: str, fix: str) -> str:
+    """The message for an `int8_frozen` part that would train: names the key, why, and the fix."""
+    return (f"config error: {key}: true, but {trains}; int8 weights cannot be trained (only LoRA adapters over them "
+            f"can). Fix: {fix}")

@@ -1,0 +1,198 @@
+"""LoRA over an int8-frozen base (`model.llm.int8_frozen`, `model.whisper.int8_frozen`, `common.int8_frozen`): a tiny
+SALMONN in the official layouts trains with the shared loop; only adapters and glue move, the int8 weights do not."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from peft.tuners.lora.torchao import TorchaoLoraLinear
+from tiny_salmonn import tiny_batch, write_official_layout
+
+from common.dataset import AudioTextCollator
+from common.int8_frozen import is_int8, weight_bytes
+from common.tracking import MetricLogger, read_metrics
+from common.training import LoopConfig, OptimConfig, fit, seed_everything
+from prune.skeleton import merge_lora
+from teacher.build import build_salmonn
+from teacher.checkpoint import load_model_folder, save_model_folder
+
+TEXTS = ["the cat sat on the mat", "hello world", "the dog runs", "a high tone followed by three short beeps"]
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8lora")
+    return root, write_official_layout(root / "official")
+
+
+def int8_config(cfg, whisper: bool = True):
+    return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, int8_frozen=True),
+                               whisper=dataclasses.replace(cfg.whisper, int8_frozen=whisper))
+
+
+class FixedBatches:
+    """Batches of indices `[[0, 1], [2, 3]]` every epoch (the loop's sampler interface)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter([[0, 1], [2, 3]])
+
+
+def make_items() -> list[dict]:
+    items = []
+    for i, text in enumerate(TEXTS):
+        batch = tiny_batch(batch_size=1, seed=i)
+        items.append({"mel": batch["mel"][0], "fbank": batch["fbank"][0],
+                      "fbank_padding_mask": batch["fbank_padding_mask"][0], "prompt": "Recognize the speech.",
+                      "text": text})
+    return items
+
+
+def collator(tokenizer):
+    targets = AudioTextCollator(tokenizer)
+
+    def collate(items: list[dict]) -> dict:
+        batch = {key: torch.stack([item[key] for item in items]) for key in ("mel", "fbank", "fbank_padding_mask")}
+        batch["prompts"] = [item["prompt"] for item in items]
+        batch["target_ids"], batch["labels"] = targets.tokenize_targets([item["text"] for item in items])
+        return batch
+
+    return collate
+
+
+def int8_weights(model) -> dict[str, torch.Tensor]:
+    """The int8 values and scales of every quantized weight, copied."""
+    out = {}
+    for name, p in model.named_parameters():
+        if is_int8(p):
+            out[name + ".qdata"] = p.qdata.clone()
+            out[name + ".scale"] = p.scale.clone()
+    return out
+
+
+def train(model, tmp_path, steps: int = 12) -> list[float]:
+    """`steps` optimizer steps of the shared loop (CE on the targets); returns the logged training losses."""
+    loop = LoopConfig(max_steps=steps, batch_size=2, log_every=1, eval_every=1000, save_every=1000, resume=False)
+    with MetricLogger(tmp_path / "logs", backends=("jsonl",), owner=tmp_path) as logger:
+        fit(model, make_items(), FixedBatches(), collator(model.tokenizer), lambda m, b: {"loss": m(b).loss}, loop,
+            OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.0), tmp_path, logger)
+    return [r["train/loss"] for r in read_metrics(tmp_path / "logs") if "train/loss" in r]
+
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_lora_trains_over_int8_frozen_llm_and_whisper_with_the_shared_loop(official, tmp_path):
+    _, cfg = official
+    # Adapters on every linear layer of the LLM (the tiny checkpoint's r=4 q/v ones are not loaded), so that they
+    # alone can bring the loss down; everything else is frozen below, so the loss falls only if gradients cross the
+    # int8 matmuls into the adapters.
+    cfg = dataclasses.replace(int8_config(cfg), checkpoint="",
+                              lora=dataclasses.replace(cfg.lora, r=8, alpha=16, target_modules=ALL_LINEAR))
+    seed_everything(0)
+    model, _ = build_salmonn(cfg)
+    for name, p in model.named_parameters():
+        p.requires_grad_(p.requires_grad and ".lora_" in name)
+    lora_layers = [m for m in model.llm.modules() if isinstance(m, TorchaoLoraLinear)]
+    assert len(lora_layers) == 7 * 2  # every linear layer of the 2 LLM layers, wrapped by peft's torchao LoRA
+    assert all(is_int8(m.get_base_layer().weight) for m in lora_layers)
+    assert all(is_int8(m.weight) for m in model.speech_encoder.modules() if isinstance(m, torch.nn.Linear))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n and model.get_parameter(n).dtype == torch.float32 for n in trainable)
+    frozen = int8_weights(model)
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+    assert len(frozen) > 0 and len(adapters) == 2 * len(lora_layers)
+
+    losses = train(model, tmp_path, steps=40)
+
+    # The two batches alternate, so compare means over an epoch. These 40 steps bring the loss from 4.80 (about
+    # ln 120, the tiny vocabulary) to 4.28; adapters that get no gradient would leave it where it started.
+    assert len(losses) == 40 and sum(losses[-2:]) < 0.95 * sum(losses[:2]), losses
+    after = int8_weights(model)
+    assert after.keys() == frozen.keys()
+    assert all(torch.equal(after[k], frozen[k]) for k in frozen)  # bit-identical int8 values and scales
+    moved = {n for n, p in model.named_parameters() if ".lora_" in n and not torch.equal(p.detach(), adapters[n])}
+    assert moved == set(adapters)  # every adapter, A and B, in the LLM's first layer as in its last
+
+
+def test_int8_frozen_weights_take_about_a_quarter_of_fp32(official):
+    _, cfg = official
+    model, _ = build_salmonn(int8_config(cfg))
+    fp32, _ = build_salmonn(cfg)
+    for part, reference in ((model.llm, fp32.llm), (model.speech_encoder, fp32.speech_encoder)):
+        sizes = weight_bytes(part)
+        # int8 values (1 byte) + one fp32 scale per output row: 1/4 + 1/in_features of fp32; the tiny model's
+        # in_features are 32 and 64, so between 0.25 and 0.25 + 1/32.
+        assert 0.25 < sizes["int8"] / sizes["int8_as_fp32"] <= 0.25 + 1 / 32 + 1e-9
+        reference_sizes = weight_bytes(reference)
+        assert reference_sizes["int8"] == 0
+        # the quantized weights are exactly the reference's linear weights (embeddings and norms stay as they were)
+        assert sizes["int8_as_fp32"] + sizes["other"] == reference_sizes["other"]
+
+
+def test_a_saved_int8_model_folder_holds_plain_weights_and_loads_back_int8(official, tmp_path):
+    _, cfg = official
+    cfg = int8_config(cfg)
+    seed_everything(0)
+    model, _ = build_salmonn(cfg)
+    with torch.no_grad():  # LoRA B starts at zero; make the adapters matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    model.eval()
+    save_model_folder(model, cfg, tmp_path / "model")
+    from safetensors.torch import load_file
+
+    llm_file = load_file(str(tmp_path / "model" / "llm" / "model.safetensors"))
+    q_proj = model.llm.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer().weight
+    assert llm_file["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
+    assert torch.equal(llm_file["model.layers.0.self_attn.q_proj.weight"], q_proj.dequantize())
+    again = load_model_folder(tmp_path / "model")
+    assert is_int8(again.llm.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer().weight)
+    batch = tiny_batch()
+    batch["target_ids"], batch["labels"] = AudioTextCollator(model.tokenizer).tokenize_targets(["the cat", "hello"])
+    with torch.no_grad():
+        want, got = model(batch).logits, again(batch).logits
+    # Re-quantizing the dequantized weights moves a few int8 values by one step of the grid (scale ≈ max|w| / 127):
+    # the logits agree to a small fraction of their spread, not bit for bit.
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
+def test_merge_lora_dequantizes_the_int8_base_and_keeps_the_function(official):
+    _, cfg = official
+    cfg = int8_config(cfg)
+    seed_everything(0)
+    model, _ = build_salmonn(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    model.eval()
+    batch = tiny_batch()
+    batch["target_ids"], batch["labels"] = AudioTextCollator(model.tokenizer).tokenize_targets(["the cat", "hello"])
+    with torch.no_grad():
+        want = model(batch).logits
+    merged_cfg = merge_lora(model, cfg)
+    assert not merged_cfg.llm.int8_frozen and not merged_cfg.whisper.int8_frozen and not merged_cfg.lora.enabled
+    assert not any(is_int8(p) for p in model.parameters())
+    with torch.no_grad():
+        got = model(batch).logits
+    # The int8 matmul (x @ q.T · scale) and the dequantized one (x @ (q · scale).T) round differently in fp32.
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_an_int8_part_that_would_train_is_a_config_error(official):
+    _, cfg = official
+    no_lora = int8_config(cfg, whisper=False)
+    no_lora = dataclasses.replace(no_lora, lora=dataclasses.replace(cfg.lora, enabled=False),
+                                  llm=dataclasses.replace(no_lora.llm, freeze=False))
+    with pytest.raises(SystemExit, match=r"model\.llm\.int8_frozen: true.*Fix: set model\.lora\.enabled: true"):
+        build_salmonn(no_lora)
+    training_whisper = dataclasses.replace(int8_config(cfg), whisper=dataclasses.replace(
+        cfg.whisper, int8_frozen=True, freeze=False))
+    with pytest.raises(SystemExit, match=r"model\.whisper\.int8_frozen: true.*model\.whisper\.freeze: true"):
+        build_salmonn(training_whisper)
