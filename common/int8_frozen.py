@@ -1,7 +1,8 @@
 """Frozen parts held in int8 while LoRA adapters train over them (`model.llm.int8_frozen`, `model.whisper.int8_frozen`).
 
 Every `nn.Linear` of a frozen part gets torchao's int8 weight-only tensor (`Int8WeightOnlyConfig` through
-`quantize_`: per output channel, symmetric, `qdata` int8 `[out, in]` and `scale` `[out, 1]` in the part's dtype),
+`quantize_`: per output channel, symmetric, `qdata` int8 `[out, in]` and an fp32 `scale` `[out, 1]`, also for
+fp16 weights),
 so its weights take 1 byte per parameter (+ one scale per row) instead of 4 (fp32) or 2 (fp16). The matmul runs
 in the activation dtype on the int8 weight cast back: it works on any CPU and on GPUs without int8 tensor cores or
 bf16 (a V100 runs it with fp16 activations). peft wraps such layers in `TorchaoLoraLinear`, whose adapters are plain
