@@ -4,6 +4,8 @@ SALMONN in the official layouts trains with the shared loop; only adapters and g
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 
 import pytest
 import torch
@@ -196,3 +198,24 @@ def test_an_int8_part_that_would_train_is_a_config_error(official):
         cfg.whisper, int8_frozen=True, freeze=False))
     with pytest.raises(SystemExit, match=r"model\.whisper\.int8_frozen: true.*model\.whisper\.freeze: true"):
         build_salmonn(training_whisper)
+
+
+
+def test_the_bench_compares_both_bases_on_the_same_seeded_model(tmp_path, capsys):
+    from evaluation.int8_lora_bench import main
+
+    args = ["--hidden", "64", "--layers", "2", "--whisper-dim", "64", "--steps", "4", "--warmup", "1",
+            "--train-clips", "8", "--held-out-clips", "4", "--out", str(tmp_path / "bench.json")]
+    assert main(args) == 0
+    assert "| fp32 |" in capsys.readouterr().out
+    result = json.loads((tmp_path / "bench.json").read_text())
+    fp32, int8 = result["rows"]
+    assert (fp32["base"], int8["base"]) == ("fp32", "int8")
+    # 1 byte per weight + one fp32 scale per row of 64 to 256 inputs (4/in bytes more per weight): ≤ 1/4 + 1/64
+    assert 0.25 < result["ratios"]["frozen_linear"] < 0.25 + 1 / 64
+    assert int8["weights_mb"] < fp32["weights_mb"]
+    # the same seeded weights: before any step the int8 base changes the logits only by its rounding (one step of a
+    # 255-level grid per weight), not like another model would (relative error of order 1)
+    assert 0 < result["int8_logit_error_before_training"] < 0.05
+    assert abs(int8["first_loss"] - fp32["first_loss"]) < 0.01 * fp32["first_loss"]
+    assert all(math.isfinite(r[k]) for r in (fp32, int8) for k in ("train_loss_last", "held_out_loss", "step_s"))
