@@ -219,3 +219,24 @@ def test_the_bench_compares_both_bases_on_the_same_seeded_model(tmp_path, capsys
     assert 0 < result["int8_logit_error_before_training"] < 0.05
     assert abs(int8["first_loss"] - fp32["first_loss"]) < 0.01 * fp32["first_loss"]
     assert all(math.isfinite(r[k]) for r in (fp32, int8) for k in ("train_loss_last", "held_out_loss", "step_s"))
+
+
+def test_an_online_teacher_in_int8_keeps_its_outputs_to_its_rounding(official, tmp_path):
+    from distill.distiller import int8_teacher
+
+    _, cfg = official
+    seed_everything(0)
+    model, _ = build_salmonn(cfg)
+    save_model_folder(model, cfg, tmp_path / "teacher")
+    teacher = load_model_folder(tmp_path / "teacher")
+    batch = tiny_batch()
+    batch["target_ids"], batch["labels"] = AudioTextCollator(teacher.tokenizer).tokenize_targets(["the cat", "hi"])
+    with torch.no_grad():
+        want = teacher(batch).logits
+        int8_teacher(teacher)
+        got = teacher(batch).logits
+    assert not hasattr(teacher.llm, "merge_and_unload")  # LoRA merged
+    assert all(is_int8(m.weight) for part in (teacher.llm, teacher.speech_encoder) for m in part.modules()
+               if isinstance(m, torch.nn.Linear))
+    # one step of a 255-level grid per weight: a small fraction of the logits' spread, and not zero
+    assert 0 < (got - want).abs().max() < 0.02 * want.abs().max()
