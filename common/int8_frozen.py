@@ -1,22 +1,22 @@
 """Frozen parts held in int8 while LoRA adapters train over them (`model.llm.int8_frozen`, `model.whisper.int8_frozen`).
 
-Every `nn.Linear` of a frozen part gets torchao's int8 weight-only tensor (`Int8WeightOnlyConfig` through
-`quantize_`: per output channel, symmetric, `qdata` int8 `[out, in]` and an fp32 `scale` `[out, 1]`, also for
-fp16 weights),
-so its weights take 1 byte per parameter (+ one scale per row) instead of 4 (fp32) or 2 (fp16). The matmul runs
-in the activation dtype on the int8 weight cast back: it works on any CPU and on GPUs without int8 tensor cores or
-bf16 (a V100 runs it with fp16 activations). peft wraps such layers in `TorchaoLoraLinear`, whose adapters are plain
-fp32 (or the LLM's dtype) parameters; gradients flow through the int8 matmul into them, and the int8 weights
-(`requires_grad=False`) are never updated. bitsandbytes (LLM.int8, 4-bit) is not installed here and is not used.
+Every `nn.Linear` of a frozen part gets torchao's int8 weight-only tensor (`Int8Tensor`, as `Int8WeightOnlyConfig`
+makes it: per output row, symmetric, `qdata` int8 `[out, in]` and an fp32 `scale` `[out, 1]`, also for fp16
+weights; `int8_weight` says where its scale differs), so its weights take 1 byte per parameter (+ 4 per row)
+instead of 4 (fp32) or 2 (fp16). The matmul runs in the activation dtype on the int8 weight cast back: it works on
+any CPU and on GPUs without int8 tensor cores or bf16 (a V100 runs it with fp16 activations). peft wraps such layers
+in `TorchaoLoraLinear`, whose adapters are plain fp32 (or the LLM's dtype) parameters; gradients flow through the
+int8 matmul into them, and the int8 weights (`requires_grad=False`) are never updated. bitsandbytes (LLM.int8,
+4-bit) is not installed here and is not used.
 
 Embeddings and a head tied to them stay in floating point: only linear layers are quantized.
 
 What leaves the process is always plain floating point (`plain_state`): a model folder's `llm/` and `whisper/` hold
 the dequantized weights (exactly the values the int8 tensors stand for, in the part's dtype), so every existing
-loader reads them; a folder whose salmonn.yaml keeps `int8_frozen: true` quantizes them again when it is loaded
-(the same int8 values up to one step of the grid in a few elements: re-quantizing dequantized weights is close to,
-not exactly, idempotent). `dequantize_linears` turns a part back into plain floating point, e.g. before LoRA is
-merged into the LLM for pruning or export.
+loader reads them; a folder whose salmonn.yaml keeps `int8_frozen: true` quantizes them again when it is loaded, to
+the same int8 values (`int8_weight` picks a grid that quantizing its own dequantized values gives back).
+`dequantize_linears` turns a part back into plain floating point, e.g. before LoRA is merged into the LLM for
+pruning or export.
 """
 
 from __future__ import annotations
@@ -41,20 +41,31 @@ def frozen_linear_names(part: nn.Module) -> list[str]:
             if isinstance(m, nn.Linear) and id(m.weight) not in embeddings and not is_int8(m.weight)]
 
 
-def quantize_frozen(part: nn.Module) -> list[str]:
-    """Give every linear layer of `part` (see `frozen_linear_names`) an int8 weight-only weight in place; the part's
-    parameters are frozen (`requires_grad=False`). Call it before LoRA is applied (peft then wraps the int8 layers).
-    Returns the quantized layers' names."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+def int8_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` `[out, in]` as torchao's int8 weight-only tensor (`Int8Tensor`, per output row, symmetric): int8
+    `qdata` = round(w / scale) in [-127, 127] and an fp32 `scale` `[out, 1]` = max |w| of the row / 127.
 
-    names = set(frozen_linear_names(part))
+    torchao's own choice (`Int8WeightOnlyConfig`) divides by 127.5 instead; then quantizing the dequantized weights
+    again lands on another grid. With 127 it lands on the same one, so a model folder, which holds the dequantized
+    weights, loads back with the very int8 values it was trained over."""
+    from torchao.quantization import Int8Tensor
+    from torchao.quantization.granularity import PerRow
+
+    data = weight.detach()
+    scale = data.abs().amax(dim=1, keepdim=True).float().clamp(min=torch.finfo(torch.float32).eps) / 127
+    return Int8Tensor.from_hp(data, PerRow(), scale=scale)
+
+
+def quantize_frozen(part: nn.Module) -> list[str]:
+    """Give every linear layer of `part` (see `frozen_linear_names`) an int8 weight (`int8_weight`) in place; the
+    part's parameters are frozen (`requires_grad=False`). Call it before LoRA is applied (peft then wraps the int8
+    layers in `TorchaoLoraLinear`). Returns the quantized layers' names."""
+    names = frozen_linear_names(part)
     part.requires_grad_(False)
-    if names:
-        quantize_(part, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: fqn in names)
-    missed = [n for n in names if not is_int8(part.get_submodule(n).weight)]
-    if missed:
-        raise RuntimeError(f"torchao left {len(missed)} linear layers unquantized (e.g. {sorted(missed)[:3]})")
-    return sorted(names)
+    for name in names:
+        module = part.get_submodule(name)
+        module.weight = nn.Parameter(int8_weight(module.weight), requires_grad=False)
+    return names
 
 
 def plain(tensor: torch.Tensor) -> torch.Tensor:
