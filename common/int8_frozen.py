@@ -56,15 +56,53 @@ def int8_weight(weight: torch.Tensor) -> torch.Tensor:
     return Int8Tensor.from_hp(data, PerRow(), scale=scale)
 
 
+class _Int8Linear(torch.autograd.Function):
+    """y = x · Wᵀ for an int8 weight W = scale · qdata, keeping only the int8 weight for backward.
+
+    Called on torchao's tensor directly, autograd would save the floating-point copy of W that the int8 matmul casts
+    to the activations' dtype, for every layer until backward: the whole frozen base in fp32 again, and no memory
+    saved in training. Here the forward runs without autograd and the backward rebuilds one layer's copy at a time:
+    dL/dx = (dL/dy · scale) · qdata. The weight is frozen, so it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.weight = weight  # a frozen parameter the module holds anyway: a reference costs nothing
+        return torch.nn.functional.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.weight
+        scaled = grad * weight.scale.to(grad.dtype).flatten()
+        return scaled @ weight.qdata.to(grad.dtype), None
+
+
+class Int8FrozenLinear(nn.Linear):
+    """An `nn.Linear` whose weight is int8 (`int8_weight`) and frozen: the same module, state and names, with a
+    forward that keeps only the int8 weight for backward (`_Int8Linear`). With a plain weight (after
+    `dequantize_linears`) it is an ordinary `nn.Linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not is_int8(self.weight):
+            return super().forward(x)
+        y = _Int8Linear.apply(x, self.weight) if torch.is_grad_enabled() and x.requires_grad else \
+            torch.nn.functional.linear(x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+
 def quantize_frozen(part: nn.Module) -> list[str]:
     """Give every linear layer of `part` (see `frozen_linear_names`) an int8 weight (`int8_weight`) in place; the
     part's parameters are frozen (`requires_grad=False`). Call it before LoRA is applied (peft then wraps the int8
-    layers in `TorchaoLoraLinear`). Returns the quantized layers' names."""
+    layers in `TorchaoLoraLinear`). Each layer becomes an `Int8FrozenLinear` by a class swap (as
+    `torch.nn.utils.parametrize` does it): the module, its hooks and every reference to it stay. Returns the
+    quantized layers' names."""
     names = frozen_linear_names(part)
     part.requires_grad_(False)
     for name in names:
         module = part.get_submodule(name)
+        if type(module) is not nn.Linear:
+            raise TypeError(f"{name}: {type(module).__name__} is not a plain nn.Linear; int8_frozen swaps only those")
         module.weight = nn.Parameter(int8_weight(module.weight), requires_grad=False)
+        module.__class__ = Int8FrozenLinear
     return names
 
 
