@@ -1,7 +1,7 @@
 """LoRA over an fp32 frozen base against the same LoRA over an int8 frozen base (`model.llm.int8_frozen`,
 `model.whisper.int8_frozen`): peak memory, step time and loss after the same steps, back to back in one process.
 
-    python -m evaluation.int8_lora_bench --out outputs/bench/int8_lora.json          # about 4 min of one core
+    python -m evaluation.int8_lora_bench --out outputs/bench/int8_lora.json          # about 70 s of one core
     python -m evaluation.int8_lora_bench --hidden 256 --layers 2 --steps 4           # a quick look
 
 The model is SALMONN's shape at a small size, built by `teacher.build.build_salmonn` from fresh parts: a frozen
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--train-clips", type=int, default=64)
     parser.add_argument("--held-out-clips", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
