@@ -117,12 +117,16 @@ def plain_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def dequantize_linears(part: nn.Module) -> int:
-    """Replace every int8 linear weight in `part` by a plain, frozen floating-point parameter; returns how many."""
+    """Replace every int8 linear weight in `part` by a plain, frozen floating-point parameter, and each
+    `Int8FrozenLinear` by the plain `nn.Linear` it was (tools such as torch-pruning dispatch on the exact type);
+    returns how many layers."""
     count = 0
     for module in part.modules():
         if isinstance(module, nn.Linear) and is_int8(module.weight):
             module.weight = nn.Parameter(module.weight.dequantize().detach().clone(), requires_grad=False)
             count += 1
+        if type(module) is Int8FrozenLinear:
+            module.__class__ = nn.Linear
     return count
 
 

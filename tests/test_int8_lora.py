@@ -184,6 +184,7 @@ def test_merge_lora_dequantizes_the_int8_base_and_keeps_the_function(official):
     merged_cfg = merge_lora(model, cfg)
     assert not merged_cfg.llm.int8_frozen and not merged_cfg.whisper.int8_frozen and not merged_cfg.lora.enabled
     assert not any(is_int8(p) for p in model.parameters())
+    assert not any(type(m).__name__ == "Int8FrozenLinear" for m in model.modules())  # plain nn.Linear again
     with torch.no_grad():
         got = model(batch).logits
     # The int8 matmul (x @ q.T · scale) and the dequantized one (x @ (q · scale).T) round differently in fp32.
