@@ -25,6 +25,7 @@ from common.dataset import AudioTextCollator, DataConfig, DurationBucketSampler,
 from common.distributed import full_parameters, make_accelerator, prepare_frozen, whole_models
 from common.feature_store import SubsetView
 from common.features import FeatureConfig
+from common.int8_frozen import quantize_frozen
 from common.splits import load_split
 from common.stages import mark_stage_done, stage_is_current, stage_key
 from common.tracking import MetricLogger
@@ -76,6 +77,10 @@ class KDConfig:
     """Q-Former output KD (MSE + cosine per window)."""
     hidden_weight: float = 0.0
     """Whisper hidden-state KD (L1 + cosine) from the teacher layers the student's layers came from; online only."""
+    teacher_int8: bool = added_option(False)
+    """Online teacher only: hold its LLM (LoRA merged first) and Whisper linear weights in int8 (torchao weight-only,
+    `common.int8_frozen`): a quarter of fp32's bytes, half of fp16's, for a frozen teacher beside the student on one
+    GPU (`python -m scale estimate` prints what that saves). The teacher's outputs move by its int8 rounding."""
     anneal: Literal["none", "linear"] = "none"
     """linear: teacher annealing (Clark et al. 2019, "BAM!"): the KD terms' weights (logit, feature, hidden) fall
     linearly from their value at step 0 to 0 at the last step, so the student ends on the labels alone and can
@@ -343,6 +348,16 @@ def load_transfer_set(cfg: DistillConfig):
     return train
 
 
+def int8_teacher(teacher: Salmonn) -> None:
+    """The frozen online teacher with its LLM and Whisper linear weights in int8 (`kd.teacher_int8`), in place. LoRA
+    is merged into the LLM's floating-point weights first: the adapters would otherwise run beside the int8 layers
+    for nothing, since nothing of the teacher trains."""
+    if hasattr(teacher.llm, "merge_and_unload"):
+        teacher.llm = teacher.llm.merge_and_unload()
+    quantize_frozen(teacher.llm)
+    quantize_frozen(teacher.speech_encoder)
+
+
 def build_distiller(cfg: DistillConfig, train) -> tuple[Distiller, SalmonnConfig]:
     """The student (new from the teacher, or loaded) wrapped with its KD terms and teacher side."""
     unknown = [t for t in cfg.kd.tasks if t not in cfg.data.tasks]
@@ -361,6 +376,11 @@ def build_distiller(cfg: DistillConfig, train) -> tuple[Distiller, SalmonnConfig
     teacher = cache = None
     if cfg.kd.teacher == "online" or cfg.kd.hidden_weight:
         teacher = load_model_folder(cfg.teacher_folder).requires_grad_(False)
+        if cfg.kd.teacher_int8:
+            int8_teacher(teacher)
+    elif cfg.kd.teacher_int8:
+        raise SystemExit("config error: kd.teacher_int8: true, but no teacher runs at training time (kd.teacher: "
+                         "cache and kd.hidden_weight: 0). Fix: set kd.teacher: online, or kd.teacher_int8: false")
     if cfg.kd.teacher == "cache" and (cfg.kd.kd_weight or cfg.kd.feature_weight):
         identity = teacher_identity(cfg.teacher_folder)
         cache = CacheReader(cfg.kd.cache_dir, expect_teacher=identity,

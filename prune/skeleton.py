@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from common.config import from_dict, read_yaml, to_dict
+from common.int8_frozen import dequantize_linears
 from student.build import PRUNING_FILE
 from student.token_pruning import PrunedBEATs, TokenPruningConfig
 from teacher.beats import BEATs, BEATsConfig
@@ -114,12 +115,43 @@ def flat_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def merge_lora(model, salmonn_cfg: SalmonnConfig) -> SalmonnConfig:
-    """Fold LoRA adapters into the LLM's weights (pruning cuts the base layers; the adapters would not fit)."""
+    """Fold LoRA adapters into the LLM's weights (pruning cuts the base layers; the adapters would not fit).
+
+    An int8 base (`llm.int8_frozen`, `whisper.int8_frozen`) cannot take the adapters in int8 (pruning and export
+    need floating-point weights anyway): its weights are dequantized first (`common.int8_frozen`), the adapters are
+    then merged into those, and the returned config has `int8_frozen: false`."""
+    int8 = salmonn_cfg.llm.int8_frozen or salmonn_cfg.whisper.int8_frozen
+    if int8:
+        dequantize_linears(model.llm)
+        dequantize_linears(model.speech_encoder)
+        salmonn_cfg = dataclasses.replace(salmonn_cfg, llm=dataclasses.replace(salmonn_cfg.llm, int8_frozen=False),
+                                          whisper=dataclasses.replace(salmonn_cfg.whisper, int8_frozen=False))
+        print("int8 frozen weights dequantized to floating point (int8_frozen: false)")
     if not hasattr(model.llm, "merge_and_unload"):
         return salmonn_cfg
     flags = {n: p.requires_grad for n, p in model.llm.get_base_model().named_parameters()}
-    model.llm = model.llm.merge_and_unload()
+    if int8:
+        model.llm = _merge_into_dequantized(model.llm)
+    else:
+        model.llm = model.llm.merge_and_unload()
     for name, p in model.llm.named_parameters():
         p.requires_grad_(flags.get(name, False) or not salmonn_cfg.llm.freeze)
     print("LoRA adapters merged into the LLM; the pruned student has none (lora.enabled: false)")
     return dataclasses.replace(salmonn_cfg, lora=dataclasses.replace(salmonn_cfg.lora, enabled=False))
+
+
+def _merge_into_dequantized(llm: nn.Module) -> nn.Module:
+    """`merge_and_unload` for LoRA layers whose base was int8 and is now dequantized: peft's `TorchaoLoraLinear`
+    would quantize the merged weight again, so each layer's delta (B·A·scale) is added to its base weight here."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in llm.get_base_model().named_modules():
+        if isinstance(module, LoraLayer):
+            deltas[name] = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+    base = llm.unload()
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            weight = base.get_submodule(name).weight
+            weight += delta.to(weight.dtype)
+    return base

@@ -28,6 +28,11 @@ the docstrings (bytes; tables print GB = 10⁹ bytes):
   per element), and the fp32 KD rows and their log-softmax over the answer (8 bytes).
 - online teacher: fp16 weights (replicated, or sharded under ZeRO-3) and its forward's transient memory.
 - a job fits when its total is at most the GPU's memory less `reserve_gib` (CUDA context, allocator slack).
+- int8-frozen LoRA training (`llm.int8_frozen`, `whisper.int8_frozen`; `common.int8_frozen`), one GPU without
+  DeepSpeed: every frozen `nn.Linear` of those parts (the LM head too, unless tied to the embeddings; not the LoRA
+  adapters) costs 1 byte per weight + one fp32 scale per output row (torchao keeps fp32 scales for fp16 weights too),
+  instead of the LLM's dtype, or fp32 + its fp16 autocast copy for Whisper; torchao dequantizes one layer at a time
+  in the forward (transient, not counted). Adapters, their gradients and AdamW states stay as above (fp32).
 """
 
 from __future__ import annotations
@@ -353,6 +358,72 @@ def training_memory(student: MetaSalmonn, split: dict, setup: TrainingSetup, wor
             "total": states + activations + teacher_bytes}
 
 
+def frozen_linears(part: nn.Module) -> tuple[int, int]:
+    """(weights, output rows) of the `nn.Linear` layers `common.int8_frozen.quantize_frozen` turns to int8 in a
+    frozen part: all but LoRA adapters and a head tied to an embedding."""
+    embeddings = {id(m.weight) for m in part.modules() if isinstance(m, nn.Embedding)}
+    weights = rows = 0
+    for name, m in part.named_modules():
+        if isinstance(m, nn.Linear) and ".lora_" not in name and id(m.weight) not in embeddings:
+            weights += m.weight.numel()
+            rows += m.weight.shape[0]
+    return weights, rows
+
+
+def int8_frozen_saving(model: MetaSalmonn, parts: tuple[str, ...], today: dict[str, float]) -> int:
+    """Bytes that holding `parts`' frozen linear weights in int8 saves against `today` (bytes per weight as the
+    ZeRO-0 training estimate counts them: {"llm": LLM dtype, "speech_encoder": fp32 + fp16 autocast copy = 6}; an
+    online teacher's fp16 weights: 2). Every output row adds one fp32 scale (4 bytes)."""
+    saved = 0
+    for part in parts:
+        weights, rows = frozen_linears(getattr(model, part))
+        per_weight = today[part]
+        saved += int(weights * (per_weight - 1) - rows * 4)
+    return saved
+
+
+def int8_frozen_lines(cfg: JobConfig, teacher: MetaSalmonn, distill, student: MetaSalmonn, acts: dict[str, int],
+                      work: Workload, usable: float, buckets: dict[int, int], teacher_online: bool) -> list[str]:
+    """The int8-frozen LoRA table (module docstring): each job today and with its frozen LLM (and Whisper) in int8,
+    on one GPU of `cfg.gpu` without DeepSpeed."""
+    t_cfg = _load(cfg.teacher_config, "teacher_config").model
+    llm_bytes = lambda m: 2 if m.llm_dtype in ("float16", "bfloat16") else 4
+    fit = lambda total: "yes" if total <= usable else "NO"
+    lines = ["", f"Int8-frozen LoRA training on one {cfg.gpu} (fit without DeepSpeed; llm.int8_frozen, "
+                 "whisper.int8_frozen: frozen linear weights at 1 byte + an fp32 scale per row, adapters and AdamW "
+                 "fp32; torchao int8 weight-only runs with fp16 activations, bitsandbytes is not used):",
+             f"{'job':<52}{'int8 parts':<30}{'today GB':>9}{'int8 GB':>9}  fits today / int8"]
+    setup = TrainingSetup(0, 1, "configured")
+    rows = []
+    if t_cfg.lora.enabled or t_cfg.llm.freeze:
+        t_split = trainable_split(teacher, not t_cfg.whisper.freeze, not t_cfg.beats.freeze,
+                                  not t_cfg.llm.freeze and not t_cfg.lora.enabled)
+        t_acts = stack_activations(teacher, work)
+        now = training_memory(teacher, t_split, setup, work, t_acts, None, None, buckets)["total"]
+        parts = ("llm",) + (("speech_encoder",) if t_cfg.whisper.freeze else ())
+        saved = int8_frozen_saving(teacher, parts, {"llm": llm_bytes(teacher), "speech_encoder": 6})
+        rows.append((f"SALMONN teacher: LoRA fine-tuning, micro-batch {work.batch}", ", ".join(parts), now,
+                     now - saved))
+    s = distill.student
+    if s.lora.enabled or s.llm.freeze:
+        split = trainable_split(student, not s.freeze_whisper, not s.freeze_beats, not s.llm.freeze and not
+                                s.lora.enabled)
+        mem = training_memory(student, split, setup, work, acts, teacher if teacher_online else None, work, buckets)
+        parts = ("llm",) + (("speech_encoder",) if s.freeze_whisper else ())
+        saved = int8_frozen_saving(student, parts, {"llm": llm_bytes(student), "speech_encoder": 6})
+        teacher_note = ""
+        if teacher_online:  # the online teacher is frozen throughout: its LLM and Whisper can be int8 too
+            saved += int8_frozen_saving(teacher, ("llm", "speech_encoder"), {"llm": 2, "speech_encoder": 2})
+            teacher_note = " + teacher llm, speech_encoder"
+        rows.append((f"distillation of the student, micro-batch {work.batch}", ", ".join(parts) + teacher_note,
+                     mem["total"], mem["total"] - saved))
+    for job, parts, now, int8 in rows:
+        lines.append(f"{job:<52}{parts:<30}{now / GB:>9.2f}{int8 / GB:>9.2f}  {fit(now)} / {fit(int8)}")
+    if not rows:
+        lines.append("(no job of these configs has a frozen LLM: nothing to hold in int8)")
+    return lines
+
+
 # ----- the report ---------------------------------------------------------------------------------------------
 
 
@@ -462,6 +533,7 @@ def report(cfg: JobConfig) -> str:
                 lines.append(f"{label:<24}{zero:>5}{world:>5}{trainable:>18,}{mem['states'] / GB:>10.2f}"
                              f"{mem['activations'] / GB:>10.2f}{mem['teacher'] / GB:>11.2f}{mem['total'] / GB:>9.2f}"
                              f"  {'yes' if mem['total'] <= usable else 'NO'}")
+    lines += int8_frozen_lines(cfg, teacher, distill, student, acts, work, usable, buckets, teacher_online)
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from common.bpe import train_bpe
 from common.config import from_dict, read_yaml, to_dict
 from common.hub import is_hub_id
+from common.int8_frozen import plain_state
 from student.token_pruning import PrunedBEATs, TokenPruningConfig
 from teacher.build import (
     LLMConfig,
@@ -35,6 +36,7 @@ from teacher.build import (
     WhisperEncoderConfig,
     apply_lora,
     build_llm,
+    check_int8_frozen,
     load_tokenizer,
 )
 from teacher.checkpoint import load_model_folder, read_model_config, save_model_folder
@@ -84,14 +86,16 @@ def select_layers(teacher_layers: int, student_layers: int) -> list[int]:
 
 
 def distill_whisper_encoder(teacher: WhisperEncoder, layers: list[int]) -> WhisperEncoder:
-    """A Whisper encoder with the teacher's conv stem, positions and final norm and the chosen layers' weights."""
+    """A Whisper encoder with the teacher's conv stem, positions and final norm and the chosen layers' weights (in
+    floating point: a teacher's int8 weights, `whisper.int8_frozen`, are dequantized, since the student's train)."""
     config = copy.deepcopy(teacher.config)
     config.encoder_layers = len(layers)
     student = WhisperEncoder(WhisperConfig.from_dict(config.to_dict()))
-    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("layers.")}
+    teacher_state = plain_state(teacher.state_dict())
+    state = {k: v for k, v in teacher_state.items() if not k.startswith("layers.")}
     for new, old in enumerate(layers):
         prefix = f"layers.{old}."
-        state.update({f"layers.{new}.{k[len(prefix):]}": v for k, v in teacher.state_dict().items()
+        state.update({f"layers.{new}.{k[len(prefix):]}": v for k, v in teacher_state.items()
                       if k.startswith(prefix)})
     student.load_state_dict(state, strict=True)
     return student
@@ -133,6 +137,7 @@ def student_per_clip(cfg: StudentConfig, teacher_cfg: SalmonnConfig) -> bool:
 
 def build_student(cfg: StudentConfig, teacher_folder: str | Path) -> tuple[Salmonn, SalmonnConfig]:
     """The student initialised from the teacher saved in `teacher_folder`; returns (model, its SalmonnConfig)."""
+    check_int8_frozen(cfg.llm, cfg.lora, None, "student")
     teacher = load_model_folder(teacher_folder)
     teacher_cfg = read_model_config(teacher_folder)
     layers = select_layers(teacher.speech_encoder.config.encoder_layers, cfg.whisper_layers)

@@ -23,6 +23,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from common.config import added_option
 from common.hub import local_folder
+from common.int8_frozen import int8_config_error, quantize_frozen
 from teacher.beats import BEATs, BEATsConfig
 from teacher.official import CheckpointError, load_salmonn_checkpoint
 from teacher.qformer import QFormerConfig, WindowQFormer
@@ -53,6 +54,9 @@ class WhisperEncoderConfig:
     work goes into padding. For a pretrained Whisper over short clips (the quick preset's teacher): Whisper was
     trained on 30 s windows, mostly padding for short utterances, and hears a clip alone as well."""
     freeze: bool = True
+    int8_frozen: bool = added_option(False)
+    """Hold the frozen encoder's linear weights in int8 (torchao weight-only, `common.int8_frozen`): a quarter of
+    fp32's bytes, for an online teacher's Whisper on a small GPU. Needs `freeze: true`."""
 
 
 @dataclass
@@ -91,6 +95,11 @@ class LLMConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     freeze: bool = True
     """Freeze the base weights (LoRA adapters, if any, still train)."""
+    int8_frozen: bool = added_option(False)
+    """Hold the frozen base's linear weights in int8 (torchao weight-only, `common.int8_frozen`) and train LoRA
+    adapters (fp32, or `dtype`) over them: 1 byte per base parameter instead of 4 (fp32) or 2 (fp16); embeddings
+    (and a head tied to them) stay in `dtype`. Runs on the CPU and on a V100 (fp16 activations). Needs the base
+    frozen: `lora.enabled: true` or `freeze: true`."""
     add_pad_token: bool = True
     """Add SALMONN's `[PAD]` token (and resize the embeddings) when the tokenizer has no pad token."""
 
@@ -195,6 +204,13 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path
 
 
 def build_whisper(cfg: WhisperEncoderConfig) -> WhisperEncoder:
+    encoder = _whisper_encoder(cfg)
+    if cfg.int8_frozen:
+        quantize_frozen(encoder)
+    return encoder
+
+
+def _whisper_encoder(cfg: WhisperEncoderConfig) -> WhisperEncoder:
     if cfg.path:
         return load_whisper_encoder(cfg.path)
     config = WhisperConfig(
@@ -267,7 +283,23 @@ def build_llm(cfg: LLMConfig, tokenizer) -> nn.Module:
         with torch.no_grad():
             for matrix in (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight):
                 matrix[old:] = matrix[:old].mean(0)
+    if cfg.int8_frozen:
+        quantize_frozen(llm)  # after the resize (it rewrites the head) and before LoRA (peft wraps int8 layers)
     return llm
+
+
+def check_int8_frozen(llm: LLMConfig, lora: LoraSpec, whisper_frozen: bool | None, prefix: str) -> None:
+    """Refuse an `int8_frozen` part that would train (SystemExit naming the key and the fix). `prefix` is where the
+    config sits (`model` for the teacher, `student` for the student); `whisper_frozen` None: no Whisper switch."""
+    if llm.int8_frozen and not llm.freeze and not lora.enabled:
+        raise SystemExit(int8_config_error(
+            f"{prefix}.llm.int8_frozen", f"{prefix}.llm.freeze is false and {prefix}.lora.enabled is false, so the "
+            "LLM's own weights would train", f"set {prefix}.lora.enabled: true (LoRA over the int8 base) or "
+            f"{prefix}.llm.freeze: true, or {prefix}.llm.int8_frozen: false"))
+    if whisper_frozen is False:
+        raise SystemExit(int8_config_error(
+            f"{prefix}.whisper.int8_frozen", "the Whisper encoder trains (freeze: false)",
+            f"set {prefix}.whisper.freeze: true, or {prefix}.whisper.int8_frozen: false"))
 
 
 def apply_lora(llm: nn.Module, cfg: LoraSpec) -> nn.Module:
@@ -279,6 +311,9 @@ def apply_lora(llm: nn.Module, cfg: LoraSpec) -> nn.Module:
         # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` alias: a FutureWarning on every
         # load that the user cannot act on.
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        # Over an int8 base (`llm.int8_frozen`) peft warns that it cannot merge into int8 weights; smolt never asks it
+        # to: `prune.skeleton.merge_lora` dequantizes the base first and merges there.
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
         return get_peft_model(llm, config)
 
 
@@ -293,6 +328,7 @@ def set_trainable(model: Salmonn, cfg: SalmonnConfig) -> None:
 
 def build_salmonn(cfg: SalmonnConfig, load_checkpoint: bool = True):
     """Build the model; returns `(model, key_report)` where key_report is None without a SALMONN checkpoint."""
+    check_int8_frozen(cfg.llm, cfg.lora, cfg.whisper.freeze if cfg.whisper.int8_frozen else None, "model")
     tokenizer = load_tokenizer(cfg.llm, prompt_pieces(cfg.prompt, "Transcribe the speech."))
     whisper = build_whisper(cfg.whisper)
     beats = build_beats(cfg.beats)

@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import save_file
 
 from common.config import to_dict
+from common.int8_frozen import plain_state
 from teacher.official import ours_to_official, trained_glue_keys
 from teacher.salmonn import Salmonn
 
@@ -28,22 +29,24 @@ def salmonn_state_dict(model: Salmonn) -> dict[str, torch.Tensor]:
 
 
 def save_whisper_encoder(model: Salmonn, folder: Path) -> None:
-    """HF Whisper folder holding the encoder (`model.encoder.*` keys, as WhisperForConditionalGeneration)."""
+    """HF Whisper folder holding the encoder (`model.encoder.*` keys, as WhisperForConditionalGeneration); int8
+    weights (`whisper.int8_frozen`) are written dequantized (`common.int8_frozen`)."""
     folder.mkdir(parents=True, exist_ok=True)
     encoder = model.speech_encoder
     encoder.config.save_pretrained(folder)
-    state = {f"model.encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    state = {f"model.encoder.{k}": v.detach().cpu().contiguous() for k, v in plain_state(encoder.state_dict()).items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def base_llm_state(model: Salmonn) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The LLM without its LoRA adapters: (HF model to save, its state dict under plain HF names)."""
+    """The LLM without its LoRA adapters: (HF model to save, its state dict under plain HF names). An int8 base
+    (`llm.int8_frozen`) comes dequantized to the LLM's dtype (`common.int8_frozen`): HF folders hold plain tensors."""
     llm = model.llm
     if not hasattr(llm, "get_base_model"):
-        return llm, llm.state_dict()
+        return llm, plain_state(llm.state_dict())
     base = llm.get_base_model()
     state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if ".lora_" not in k}
-    return base, state
+    return base, plain_state(state)
 
 
 def save_official_layout(model: Salmonn, out_dir: str | Path, extra: dict | None = None) -> dict[str, str]:

@@ -23,6 +23,7 @@ from torch import nn
 from common.dataset import ENCODER_OUTPUTS
 from common.fbank import BEATS_SILENT_FRAME
 from common.features import FBANK_SHIFT, FBANK_WINDOW, fbank_frames
+from common.int8_frozen import plain_state
 from common.model import AudioLanguageModel
 from teacher.qformer import WindowQFormer
 
@@ -325,7 +326,7 @@ class Salmonn(AudioLanguageModel):
                                   + ((True,) if self.whisper_per_clip else ())).encode())
         for key, module in ((SPEECH_OUT, self.speech_encoder), (AUDIO_OUT, self.audio_encoder)):
             if key in keys:
-                for name, tensor in sorted(module.state_dict().items()):
+                for name, tensor in sorted(plain_state(module.state_dict()).items()):  # int8 weights dequantized
                     h.update(name.encode())
                     h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]

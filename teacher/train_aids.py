@@ -377,6 +377,10 @@ def pretrain_llm(cfg: TeacherJob, model: Salmonn, train, valid, out_dir: Path, r
     texts = TextTargets(train)
     if not len(texts):
         raise SystemExit("config error: lm_pretrain.steps > 0 but the training data has no targets")
+    if cfg.model.llm.int8_frozen:
+        raise SystemExit("config error: lm_pretrain.steps > 0 trains the LLM's base weights, but model.llm.int8_frozen "
+                         "holds them in int8, which cannot train. Fix: set lm_pretrain.steps: 0, or "
+                         "model.llm.int8_frozen: false")
     trainable = {name: param.requires_grad for name, param in model.llm.named_parameters()}
     for name, param in model.llm.named_parameters():
         param.requires_grad_("lora_" not in name)  # the base weights; LoRA adapters stay as built (B = 0: no effect)

@@ -280,9 +280,41 @@ def test_cli_prints_the_13b_table_with_an_independent_tpot_floor(capsys, monkeyp
     assert tpot["teacher"] / tpot["student pruned 50% int8"] > 4  # DESIGN's TPOT target, at the bandwidth floor
     assert "as configured (LoRA)" in out and "full fine-tuning" in out
 
+    # int8-frozen LoRA: the teacher's frozen Vicuna (fp16: 2 → 1 byte per linear weight) and Whisper (fp32 + fp16
+    # autocast copy: 6 → 1), each with an fp32 scale per output row, written out from the architectures.
+    int8_rows = {line[:52].strip(): line[82:].split() for line in out.splitlines()
+                 if line.startswith(("SALMONN teacher: LoRA", "distillation of the student"))}
+    teacher_today, teacher_int8, *fits = int8_rows["SALMONN teacher: LoRA fine-tuning, micro-batch 4"]
+    llm_linear = PUBLISHED["vicuna-13b-v1.1"] + 5120 - 32001 * 5120 - (40 * 2 * 5120 + 5120)  # + [PAD] head row
+    llm_rows = 40 * (5 * 5120 + 2 * 13824) + 32001
+    whisper_linear, whisper_rows = 32 * (4 * 1280 * 1280 + 2 * 1280 * 5120), 32 * (4 * 1280 + 5120 + 1280)
+    saved = llm_linear - 4 * llm_rows + 5 * whisper_linear - 4 * whisper_rows
+    assert float(teacher_today) - float(teacher_int8) == pytest.approx(saved / 1e9, abs=0.011)  # two roundings
+    assert fits == ["NO", "/", "yes"]  # 13B's frozen fp16 Vicuna does not fit a 32 GB V100; in int8 it does
+    student_today, student_int8, *_ = int8_rows["distillation of the student, micro-batch 4"]
+    assert float(student_int8) < float(student_today)
+
     assert main(["--config", "configs/salmonn13b-gemma2b/estimate.yaml", "--gpu", "v100-16gb"]) == 0
     out = capsys.readouterr().out
     assert next(line for line in out.splitlines() if line.startswith("teacher ")).endswith("NO")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_int8_frozen_saving_equals_the_bytes_torchao_stores(tmp_path, dtype):
+    from dataclasses import replace
+
+    from common.int8_frozen import weight_bytes as int8_weight_bytes
+
+    cfg = write_official_layout(tmp_path / "official")
+    cfg = replace(cfg, llm=replace(cfg.llm, dtype=dtype))
+    plain, _ = build_salmonn(cfg)
+    int8, _ = build_salmonn(replace(cfg, llm=replace(cfg.llm, int8_frozen=True),
+                                    whisper=replace(cfg.whisper, int8_frozen=True)))
+    element = 2 if dtype == "float16" else 4
+    for part, per_weight in (("llm", element), ("speech_encoder", 4)):
+        sizes = int8_weight_bytes(getattr(int8, part))
+        stored = sizes["int8_as_fp32"] // 4 * per_weight
+        assert estimate.int8_frozen_saving(plain, (part,), {part: per_weight}) == stored - sizes["int8"], part
 
 
 def test_bad_input_names_the_key_and_the_fix(tmp_path, capsys, monkeypatch):
