@@ -4,9 +4,10 @@
 
 Rows run with the same seed share everything the seed decides (initialisation, data order), so the difference of
 the two rows on one seed is a sharper measure than the difference of their means: this prints, for each quality
-metric, the per-seed differences (second row minus first), their mean ± sample std, on how many seeds the second
-row is better (lower WER, higher CIDEr-D / SPICE / SPIDEr) and the paired t statistic with its degrees of freedom
-(|t| above about 2.8 on 4 df, 4.3 on 2 df, is a two-sided p below 0.05). Only seeds both rows ran are paired.
+metric, the per-seed differences (second row minus first), their mean ± standard error (sample std / √seeds; the
+std too), on how many seeds the second row is better (lower WER, higher CIDEr-D / SPICE / SPIDEr) and the paired t
+statistic with its degrees of freedom (|t| above about 2.8 on 4 df, 4.3 on 2 df, is a two-sided p below 0.05). Only
+seeds both rows ran are paired.
 
 A row is named in full or by a prefix that only it starts with. The rows file is `<table>_rows.json` beside a
 table in `paper/tables/`, or an ablation's `<output_dir>/rows.json`.
@@ -51,18 +52,19 @@ def paired(first: dict, second: dict, metric: str) -> dict | None:
     diffs = [b[s] - a[s] for s in seeds]
     better = sum((d < 0) if metric in LOWER_IS_BETTER else (d > 0) for d in diffs)
     result = {"metric": metric, "seeds": seeds, "diffs": diffs, "mean": statistics.fmean(diffs), "std": None,
-              "t": None, "df": len(diffs) - 1, "better": better}
+              "se": None, "t": None, "df": len(diffs) - 1, "better": better}
     if len(diffs) > 1:
         result["std"] = statistics.stdev(diffs)
-        if result["std"] > 0:
-            result["t"] = result["mean"] / (result["std"] / math.sqrt(len(diffs)))
+        result["se"] = result["std"] / math.sqrt(len(diffs))
+        if result["se"] > 0:
+            result["t"] = result["mean"] / result["se"]
     return result
 
 
 def describe(result: dict) -> str:
     n = len(result["seeds"])
     direction = "lower" if result["metric"] in LOWER_IS_BETTER else "higher"
-    spread = "" if result["std"] is None else f" ± {result['std']:.3f}"
+    spread = "" if result["se"] is None else f" ± {result['se']:.3f} (standard error; std {result['std']:.3f})"
     t = "" if result["t"] is None else f"; paired t {result['t']:.2f} on {result['df']} df"
     return (f"{HEADERS[result['metric']]}: {result['mean']:+.3f}{spread} "
             f"(per seed {', '.join(f'{d:+.3f}' for d in result['diffs'])}); {direction} on {result['better']} of "

@@ -355,8 +355,13 @@ def test_compare_pairs_rows_by_seed(tmp_path, capsys):
     assert wer["diffs"] == pytest.approx([-0.1, -0.2, 0.1])
     assert wer["better"] == 2  # lower WER is better
     d = [-0.1, -0.2, 0.1]
+    assert wer["se"] == pytest.approx(statistics.stdev(d) / math.sqrt(3))  # the ± is the standard error
     assert wer["t"] == pytest.approx(statistics.mean(d) / (statistics.stdev(d) / math.sqrt(3)))
     assert result["cider_d"]["better"] == 2 and "spice" not in result  # higher CIDEr-D is better; no SPICE values
+    assert compare([str(path), "student", "the recipe"]) == 0
+    se = statistics.stdev(d) / math.sqrt(3)
+    assert f"WER: {statistics.mean(d):+.3f} ± {se:.3f} (standard error; std {statistics.stdev(d):.3f})" in \
+        capsys.readouterr().out
     assert compare([str(path), "student", "the recipe, no"]) == 0
     out = capsys.readouterr().out
     assert "WER: +0.100 (per seed +0.100); lower on 0 of 1 seeds" in out
