@@ -73,14 +73,19 @@ class Ct2WhisperFolder:
     """Token of every id, timestamps included."""
 
 
+def read_json(path: Path):
+    """The JSON value in `path`, or a ConversionError naming the file when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path}: not valid JSON ({err})") from None
+
+
 def read_vocabulary(folder: Path) -> list[str]:
     """The id → token list of a CTranslate2 folder: vocabulary.json (a JSON list) or vocabulary.txt (a line each)."""
     as_json, as_text = folder / "vocabulary.json", folder / "vocabulary.txt"
     if as_json.is_file():
-        try:
-            tokens = json.loads(as_json.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConversionError(f"{as_json}: not valid JSON ({err})") from None
+        tokens = read_json(as_json)
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise ConversionError(f"{as_json}: expected a JSON list of token strings")
         return tokens
@@ -103,10 +108,7 @@ def read_ct2_whisper(folder: str | Path) -> Ct2WhisperFolder:
     config_path = folder / "config.json"
     config = {}
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConversionError(f"{config_path}: not valid JSON ({err})") from None
+        config = read_json(config_path)
     vocabulary = read_vocabulary(folder)
     embeddings = weights.variables.get("decoder/embeddings/weight")
     if embeddings is None:
@@ -334,10 +336,7 @@ def write_tokenizer(ct2: Ct2WhisperFolder, out: Path) -> None:
 
     source = ct2.path / "tokenizer.json"
     if source.is_file():
-        try:
-            data = json.loads(source.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConversionError(f"{source}: not valid JSON ({err})") from None
+        data = read_json(source)
     else:
         data = whisper_tokenizer_json(ct2.vocabulary, ct2.path)
     known = {tok: i for tok, i in data.get("model", {}).get("vocab", {}).items()}
@@ -370,10 +369,7 @@ def write_preprocessor(ct2: Ct2WhisperFolder, num_mel_bins: int, out: Path) -> N
 
     source = ct2.path / "preprocessor_config.json"
     if source.is_file():
-        try:
-            data = json.loads(source.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConversionError(f"{source}: not valid JSON ({err})") from None
+        data = read_json(source)
         if data.get("feature_size", num_mel_bins) != num_mel_bins:
             raise ConversionError(f"{source}: feature_size {data['feature_size']} but the model reads "
                                   f"{num_mel_bins} mel bins; the file belongs to another model")
