@@ -10,8 +10,8 @@
 #
 # Stages and their override prefixes: data, teacher, cache, distill, prune, recover, quantize, prune_llm,
 # distill_smollm2, evaluate
-# (recover takes distill's config). A stage runs the module its YAML's `job:` names; a preset without a stage's
-# YAML (the real-scale presets have no data.yaml) skips it.
+# (recover takes the preset's recover.yaml, or else its distill.yaml). A stage runs the module its YAML's `job:`
+# names; a preset without a stage's YAML (the real-scale presets have no data.yaml) skips it.
 #
 # Each stage writes its outputs and resolved config under outputs/<preset>/ and is skipped when its
 # output exists and its resolved config is unchanged.
@@ -83,8 +83,10 @@ stage teacher "$CONFIGS/teacher.yaml"      # toy teacher (trained only if missin
 stage cache "$CONFIGS/cache.yaml"          # teacher cache of the train split
 stage distill "$CONFIGS/distill.yaml"      # distilled student
 stage prune "$CONFIGS/prune.yaml" "model=$OUT/student/model" "output_dir=$OUT/pruned" "log_dir=runs/$PRESET/pruned"
-if [ -f "$CONFIGS/prune.yaml" ]; then      # KD recovery: the distill recipe again, from the pruned student
-  stage recover "$CONFIGS/distill.yaml" "init_from=$OUT/pruned/model" "output_dir=$OUT/recovered" \
+if [ -f "$CONFIGS/prune.yaml" ]; then      # KD recovery: the distill recipe again (or recover.yaml), from the pruned student
+  RECOVER="$CONFIGS/recover.yaml"
+  [ -f "$RECOVER" ] || RECOVER="$CONFIGS/distill.yaml"
+  stage recover "$RECOVER" "init_from=$OUT/pruned/model" "output_dir=$OUT/recovered" \
     "log_dir=runs/$PRESET/recovered"
 fi
 stage quantize "$CONFIGS/quantize.yaml" "model=$OUT/recovered/model" "output_dir=$OUT/int8"  # int8 weights

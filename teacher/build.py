@@ -73,6 +73,11 @@ class BeatsEncoderConfig:
     or "zero" (zeros: how smolt's toy teachers and their students train; needed by `qformer.trim_to_audio`). Saved in
     every model folder's salmonn.yaml; a folder written before this key existed loads with "zero" unless it was
     assembled from the official checkpoints (`teacher.assemble`, whose salmonn.pth is a link)."""
+    ln_gain_init: float = added_option(1.0)
+    """The starting gain of `ln_audio`, the layer norm BEATs' outputs pass before they join Whisper's. 0 starts a fresh
+    teacher as Whisper alone and lets training open BEATs' channels one by one (a zero-initialised gate, as
+    Flamingo's and LLaMA-Adapter's): each gain's gradient is nonzero from the first step. Only a fresh model sees it;
+    a loaded checkpoint's gains replace it."""
 
 
 @dataclass
@@ -339,6 +344,8 @@ def build_salmonn(cfg: SalmonnConfig, load_checkpoint: bool = True):
         llm = apply_lora(llm, cfg.lora)
     model = Salmonn(whisper, beats, qformer, llm, tokenizer, cfg.prompt, pad_to_longest=cfg.whisper.pad_to_longest,
                     beats_padding=cfg.beats.padding_features, whisper_per_clip=cfg.whisper.per_clip)
+    if model.ln_audio is not None:
+        nn.init.constant_(model.ln_audio.weight, cfg.beats.ln_gain_init)
     set_trainable(model, cfg)
     report = None
     if cfg.checkpoint and load_checkpoint:

@@ -148,6 +148,30 @@ def test_pool_qformer_survives_the_official_layout(tmp_path):
         torch.testing.assert_close(again.encode_audio(batch), model.encode_audio(batch))
 
 
+def test_zero_ln_audio_gain_starts_as_whisper_alone_and_opens(tmp_path):
+    """`beats.ln_gain_init: 0` makes a fresh teacher's joined features zero in BEATs' channels (so its first steps
+    are those of a Whisper-only teacher), and the gains get a gradient at once, so training can open them."""
+    root = tmp_path / "parts"
+    root.mkdir()
+    write_whisper(root / "whisper")
+    write_beats(root / "beats.pt")
+    write_llama(root / "llm")
+    base = tiny_config(root, checkpoint=False)
+    cfg = dataclasses.replace(base, beats=dataclasses.replace(base.beats, ln_gain_init=0.0))
+    torch.manual_seed(1)
+    model, _ = build_salmonn(cfg)
+    assert model.ln_audio.weight.abs().max() == 0 and model.ln_audio.weight.requires_grad
+    batch = tiny_batch()
+    joined = model.join_encoders(batch)
+    d_whisper = model.speech_encoder.config.d_model
+    assert joined[..., d_whisper:].abs().max() == 0 and joined[..., :d_whisper].abs().max() > 0
+    (model.encode_audio(batch) * torch.randn(model.encode_audio(batch).shape)).sum().backward()
+    assert model.ln_audio.weight.grad.abs().max() > 0
+    torch.manual_seed(1)
+    default, _ = build_salmonn(base)  # the default keeps LayerNorm's unit gain
+    assert torch.equal(default.ln_audio.weight, torch.ones_like(default.ln_audio.weight))
+
+
 def test_prompt_wrapping_and_label_masking(official):
     _, cfg = official
     model, _ = build_salmonn(cfg)
