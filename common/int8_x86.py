@@ -107,6 +107,14 @@ class X86DynamicLinear(nn.Module):
             bias = None if self.bias is None else self.bias.detach().cpu().float()
             self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
 
+    def _apply(self, fn, recurse=True):
+        # fail where the model is moved (`model.to("cuda")`), not at its first token
+        module = super()._apply(fn, recurse)
+        if self.weight.device.type != "cpu":
+            raise RuntimeError(f"X86DynamicLinear (scheme int8_dynamic_x86) runs on the CPU only, not on "
+                               f"{self.weight.device}; quantize with scheme int8_weight_only for a GPU")
+        return module
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.pack()

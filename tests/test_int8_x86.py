@@ -4,7 +4,9 @@ to float32); clear errors off x86 and on a GPU input."""
 
 import json
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from safetensors import safe_open
 from tiny_student import training_batch, write_student_folder
@@ -13,8 +15,10 @@ from torch.nn import functional as F
 
 import common.int8_x86 as int8_x86
 from common.int8_x86 import X86DynamicLinear
+from common.results import load_results
 from common.sizes import count_parameters, weight_bytes
 from evaluation.analytic import counted_flops, llm_shape
+from evaluation.run import main as evaluate_main
 from prune.int8 import MARKER, WEIGHTS, linear_names, load_int8_folder, quantize_modules
 from prune.quantize import main as quantize_main
 from student.build import load_student_folder
@@ -108,6 +112,8 @@ def test_x86_errors_name_the_fix(monkeypatch, capsys):
     layer = X86DynamicLinear.from_float(nn.Linear(8, 4))
     with pytest.raises(RuntimeError, match="CPU only.*int8_weight_only"):
         layer(torch.zeros(1, 8, device="meta"))
+    with pytest.raises(RuntimeError, match="CPU only.*int8_weight_only"):
+        nn.Sequential(layer).to("meta")  # where a GPU run would move it
     monkeypatch.setattr(int8_x86, "ENGINES", ("no-such-engine",))
     with pytest.raises(RuntimeError, match="x86 \\(FBGEMM\\) quantized engine.*int8_weight_only"):
         X86DynamicLinear(8, 4)
@@ -115,3 +121,28 @@ def test_x86_errors_name_the_fix(monkeypatch, capsys):
         quantize_main(["model=unused", "output_dir=unused", "scheme=int8_x86"])
     err = capsys.readouterr().err
     assert "scheme: must be one of" in err and "int8_dynamic_x86" in err
+
+
+def test_evaluation_run_measures_the_x86_student(folder, tmp_path):
+    """The quick table's path: `evaluation.run` loads the int8 folder through its usual loader and reports it."""
+    assert quantize_main([f"model={folder}", f"output_dir={tmp_path / 'int8'}", "scheme=int8_dynamic_x86"]) == 0
+    rng = np.random.default_rng(0)
+    entries = []
+    for i, (task, text) in enumerate([("asr", "the cat sat"), ("audiocaption", "a high tone")]):
+        sf.write(tmp_path / f"c{i}.wav", (0.3 * rng.standard_normal(16000)).astype(np.float32), 16000)
+        entries.append({"path": f"c{i}.wav", "text": text, "task": task})
+    (tmp_path / "test.json").write_text(json.dumps({"annotation": entries}))
+    out = tmp_path / "eval"
+    evaluate_main([
+        f"models=[{{name: student, loader: 'student.build:load_student_folder', path: {folder}}}, "
+        f"{{name: int8, loader: 'prune.quantize:load_int8_folder', path: {tmp_path / 'int8' / 'model'}}}]",
+        f"data.test=[{tmp_path / 'test.json'}]", "features.whisper_chunk_seconds=2", "efficiency.timed_runs=2",
+        "efficiency.warmup_runs=1", "efficiency.decode_steps=2", "efficiency.throughput_runs=1",
+        "efficiency.throughput_batch_size=2", "efficiency.max_new_tokens=3", "efficiency_clips=1",
+        "generation.max_new_tokens=3", f"output_dir={out}", f"caption_cache_dir={tmp_path / 'jars'}"])
+    student, int8 = load_results(out / "student" / "results.json"), load_results(out / "int8" / "results.json")
+    assert int8["params"] == student["params"] and int8["weight_bytes"] < 0.75 * student["weight_bytes"]
+    assert int8["tpot_ms"] > 0 and int8["asr_clips"] == 1
+    # the same shapes give the same FLOPs (the encoders' counted through the int8 kernel too); int8 moves fewer bytes
+    assert int8["decode_flops"] == student["decode_flops"] and int8["prefill_flops"] == student["prefill_flops"]
+    assert int8["decode_bytes"] < student["decode_bytes"] and int8["prefill_bytes"] < student["prefill_bytes"]
