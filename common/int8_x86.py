@@ -120,11 +120,13 @@ class X86DynamicLinear(nn.Module):
         self.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
+        # the common case first, with no conversions: a decode step makes ~30 of these calls of ~15 µs each
+        if x.is_cpu and x.dtype is torch.float32:
+            return torch.ops.quantized.linear_dynamic.default(x, self._packed, True)  # True: reduce_range (docstring)
+        if not x.is_cpu:
             raise RuntimeError(f"X86DynamicLinear (scheme int8_dynamic_x86) runs on the CPU only, got input on "
                                f"{x.device}; quantize with scheme int8_weight_only for a GPU")
-        out = torch.ops.quantized.linear_dynamic(x.float(), self._packed, True)  # True: reduce_range, see docstring
-        return out.to(x.dtype)
+        return torch.ops.quantized.linear_dynamic.default(x.float(), self._packed, True).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -12,10 +12,12 @@ multiplies int8 by int8 (`torch._int_mm`). Every variant decodes the same `--ste
 repeatedly (a static cache is overwritten in place, so every repetition sees the same shapes); a repetition times
 `--steps` steps of each variant in turn, the order rotated each time, so drift on a shared machine falls on all alike.
 
-The linear share: the calls of every linear layer (LM head included) in one decode are recorded (module and input)
-and replayed alone, timed the same way; `linear_ms` is their time per step and `linear_share` that over the step's
-time. What is left (norms, rotary embeddings, attention over the cache, the cache update, Hugging Face's Python per
-layer, the argmax) is what no weight format can shorten.
+The linear share, measured two ways: `<variant> linears` replays the calls of every linear layer (LM head included)
+of one decode alone (recorded module and input), timed the same way, and `linear_share` is their time over the
+step's; `no linear work` decodes with every linear layer replaced by zeros of its output shape, in place. What is
+left (norms, rotary embeddings, attention over the cache, the cache update, Hugging Face's Python per layer, the
+argmax) is what no weight format can shorten: `no linear work` × float32 is the lowest TPOT ratio any int8 scheme
+could reach.
 """
 
 from __future__ import annotations
@@ -91,6 +93,28 @@ def decoder(model: nn.Module, prompt: int, steps: int, compile_step: bool) -> Ca
     return decode
 
 
+class NoLinearWork(nn.Module):
+    """Stands in for a linear layer at no matmul cost: zeros of the layer's output shape."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def without_linear_work(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose linear layers (LM head included) cost nothing: its decode step is what no weight
+    format can shorten (the outputs are meaningless, the work around the matmuls is the same)."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, NoLinearWork(module.out_features))
+    return model
+
+
 def linear_replay(model: nn.Module, decode: Callable[[], float], steps: int) -> Callable[[], float]:
     """A function that replays the linear-layer calls of one `decode()` (`steps` steps) and returns ms per step."""
     from common.int8_x86 import X86DynamicLinear
@@ -138,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
             if not compiled:
                 variants[f"{name} linears"] = linear_replay(model, variants[name], args.steps)
             print(f"{name}: ready in {time.perf_counter() - started:.1f} s", flush=True)
+    variants["no linear work"] = decoder(without_linear_work(base), args.prompt, args.steps, False)
+    for _ in range(args.warmups):
+        variants["no linear work"]()
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(args.reps):

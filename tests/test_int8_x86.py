@@ -51,6 +51,8 @@ def test_layer_matches_float_within_its_quantization_bound():
     assert ((y - ref).abs() <= bound * 1.01 + 1e-4).all()
     assert (y - ref).abs().max() > 1e-4  # it really ran in int8
     assert torch.all(y[..., 3] == linear.bias[3])  # the zero row gives exactly its bias
+    half = x.bfloat16()  # other float dtypes run in float32 and come back in their own
+    assert torch.equal(layer(half), layer(half.float()).bfloat16())
 
 
 def test_flop_counter_counts_the_int8_matmul():
