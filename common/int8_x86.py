@@ -3,7 +3,7 @@
 
 `X86DynamicLinear` holds plain tensors, so it saves and loads like any module (safetensors, `load_state_dict`):
 
-    weight              int8    [out, in]   per output row, symmetric: weight ≈ weight_scale[:, None] × weight
+    weight              int8    [out, in]   per output row, symmetric: float weight ≈ weight_scale[:, None] × weight
     weight_scale        float32 [out]
     weight_zero_point   int64   [out]       all 0 (symmetric), kept so the stored layout is the general one
     bias                float32 [out]       (when the layer has one)
