@@ -5,8 +5,8 @@ once plus the KV cache, so on any machine its time is at least `bytes / memory b
 prefill is closer to compute-bound.
 
 What is counted (multiply-add = 2 FLOPs; bytes as stored, so int8 weights count their int8 data and scales):
-  - LLM linear FLOPs per token: 2 × Σ in × out over every `nn.Linear` in the LLM (LM head and LoRA adapters
-    included; a quantized weight counts its logical shape).
+  - LLM linear FLOPs per token: 2 × Σ in × out over every `nn.Linear` (and `X86DynamicLinear`) in the LLM (LM head
+    and LoRA adapters included; a quantized weight counts its logical shape).
   - Attention FLOPs per token attending `c` positions: 4 × layers × heads × head_dim × c (QKᵀ and AV).
   - Decode bytes: every LLM tensor once, except the input embedding, of which one row is read (unless it is tied to
     the LM head, which reads all of it); plus the KV cache read: 2 × layers × kv_heads × head_dim × c × element size.
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from common.int8_x86 import X86DynamicLinear
 from common.sizes import tensor_bytes
 
 
@@ -62,7 +63,8 @@ def llm_shape(llm: nn.Module) -> LLMShape:
     return LLMShape(
         layers=config.num_hidden_layers, heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=head_dim, hidden=config.hidden_size,
-        linear_params=sum(m.in_features * m.out_features for m in llm.modules() if isinstance(m, nn.Linear)),
+        linear_params=sum(m.in_features * m.out_features for m in llm.modules()
+                          if isinstance(m, (nn.Linear, X86DynamicLinear))),
         weight_bytes=sum(tensor_bytes(t) for t in state.values()),
         embedding_bytes_skipped=0 if tied else tensor_bytes(embedding) - row_bytes,
         kv_element_bytes=embedding.element_size() if embedding.is_floating_point() else 2,

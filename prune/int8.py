@@ -1,22 +1,32 @@
-"""int8 weights for the student's LLM and encoder linear layers (torchao), saved as safetensors and loaded back: the
-library under `python -m prune.quantize`.
+"""int8 weights for the student's LLM and encoder linear layers, saved as safetensors and loaded back: the library
+under `python -m prune.quantize`.
 
-Every `nn.Linear` of the chosen parts gets torchao's per-output-channel symmetric int8 weight (`Int8Tensor`:
-`qdata` int8 `[out, in]`, `scale` `[out, 1]`) through `quantize_`: `Int8WeightOnlyConfig` (the matmul runs in the
-activation dtype on the int8 weight cast back) or `Int8DynamicActivationInt8WeightConfig` (activations quantized
-per token at run time, int8 × int8 matmul through `torch._int_mm`). Embeddings and the LM head stay in floating
-point (Gemma-2 ties the head to the embeddings).
+Every `nn.Linear` of the chosen parts gets a per-output-channel symmetric int8 weight, by one of three schemes:
+
+- `int8_weight_only` (torchao `Int8WeightOnlyConfig`, `Int8Tensor`: `qdata` int8 `[out, in]`, `scale` `[out, 1]`):
+  the matmul runs in the activation dtype on the int8 weight cast back. **The GPU scheme**: a V100 runs it with
+  float16 compute (no bf16, no int8 tensor cores). On a CPU it halves the bytes but decodes slower than float32.
+- `int8_dynamic` (torchao `Int8DynamicActivationInt8WeightConfig`): activations quantized per token at run time,
+  int8 × int8 matmul through `torch._int_mm`; slower still on a CPU (no fast int8 kernel behind `_int_mm` there).
+- `int8_dynamic_x86` (`common.int8_x86.X86DynamicLinear`): int8 weight, activations quantized per call, FBGEMM's int8
+  GEMM (PyTorch's x86 quantized engine). **The CPU scheme**: faster than float32 wherever the linear layers are
+  wide enough (`python -m evaluation.int8_speed`, 1 thread on the project's AMD EPYC: a Gemma-2 decode step × 0.44 at
+  d 512, × 0.34 at d 1024, but × 1.15 at d 192, where FBGEMM's ~13 µs per call exceeds a float GEMV; prefill-sized
+  GEMMs × 0.26–0.42); x86 CPUs only, it refuses to move to a GPU.
+
+Embeddings and the LM head stay in floating point (Gemma-2 ties the head to the embeddings).
 
 The folder (`prune.quantize` writes `<output_dir>/model`) holds no floating-point copy of the quantized weights:
 
-    model.safetensors    every tensor of the student; int8 weights flattened by torchao's safetensors support
-                         (`<module>._weight_qdata`, `<module>._weight_scale`, ... plus their metadata)
+    model.safetensors    every tensor of the student; torchao's int8 weights flattened by its safetensors support
+                         (`<module>._weight_qdata`, `<module>._weight_scale`, ... plus their metadata); x86 ones as
+                         plain tensors (`<module>.weight` int8, `.weight_scale`, `.weight_zero_point`, `.bias`)
     quantization.json    the marker: scheme, torchao version, quantized module names, tied-weight aliases
     salmonn.yaml, whisper/config.json, beats_config.json, token_pruning.yaml, llm/ (config + tokenizer)
 
 `load_int8_folder` (an `evaluation.run` loader: `prune.int8:load_int8_folder`) builds the student from those
-configs, quantizes the same modules and assigns the stored tensors; `prune.quantize` checks that the reloaded model
-gives exactly the logits of the one it saved.
+configs, quantizes the same modules and assigns the stored tensors (x86 layers repack FBGEMM's weight from them);
+`prune.quantize` checks that the reloaded model gives exactly the logits of the one it saved.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.int8_x86 import X86DynamicLinear
 from prune.skeleton import build_skeleton, check_keys, flat_state, write_configs
 from teacher.salmonn import Salmonn
 
@@ -37,7 +48,8 @@ FORMAT = "smolt-int8/1"
 MARKER = "quantization.json"
 WEIGHTS = "model.safetensors"
 PARTS = ("llm", "speech_encoder", "audio_encoder", "qformer", "projector")
-Scheme = Literal["int8_weight_only", "int8_dynamic"]
+Scheme = Literal["int8_weight_only", "int8_dynamic", "int8_dynamic_x86"]
+SCHEMES = ("int8_weight_only", "int8_dynamic", "int8_dynamic_x86")
 
 
 def torchao_config(scheme: Scheme):
@@ -47,7 +59,7 @@ def torchao_config(scheme: Scheme):
         return Int8WeightOnlyConfig()
     if scheme == "int8_dynamic":
         return Int8DynamicActivationInt8WeightConfig()
-    raise ValueError(f"scheme must be int8_weight_only or int8_dynamic, got {scheme!r}")
+    raise ValueError(f"scheme must be int8_weight_only or int8_dynamic for torchao, got {scheme!r}")
 
 
 def part_modules(model: Salmonn, parts: list[str]) -> dict[str, nn.Module]:
@@ -72,7 +84,15 @@ def linear_names(model: Salmonn, parts: list[str], skip: list[str]) -> list[str]
 
 
 def quantize_modules(model: Salmonn, names: list[str], scheme: Scheme) -> None:
-    """Quantize exactly the named linear layers in place (torchao `quantize_`)."""
+    """Quantize exactly the named linear layers in place (torchao `quantize_`, or `X86DynamicLinear` replacing them)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {list(SCHEMES)}, got {scheme!r}")
+    if scheme == "int8_dynamic_x86":
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, X86DynamicLinear.from_float(owner.get_submodule(child)))
+        return
     from torchao.quantization import quantize_
     from torchao.utils import TorchAOBaseTensor
 

@@ -2,16 +2,16 @@
 
     python -m prune.quantize --config configs/toy/quantize.yaml [key=value ...]
 
-Every `nn.Linear` of the chosen parts gets torchao's per-output-channel symmetric int8 weight (`Int8Tensor`:
-`qdata` int8 `[out, in]`, `scale` `[out, 1]`) through `quantize_`: `Int8WeightOnlyConfig` (the matmul runs in the
-activation dtype on the int8 weight cast back) or `Int8DynamicActivationInt8WeightConfig` (activations quantized
-per token at run time, int8 × int8 matmul through `torch._int_mm`). Embeddings and the LM head stay in floating
-point (Gemma-2 ties the head to the embeddings).
+Every `nn.Linear` of the chosen parts gets a per-output-channel symmetric int8 weight (`prune.int8` describes the
+schemes): `int8_weight_only` (torchao; the GPU scheme, float16 compute on a V100), `int8_dynamic` (torchao, int8
+activations through `torch._int_mm`) or `int8_dynamic_x86` (FBGEMM's int8 GEMM; the CPU scheme). Embeddings and the
+LM head stay in floating point (Gemma-2 ties the head to the embeddings).
 
 The folder (`<output_dir>/model`) holds no floating-point copy of the quantized weights:
 
-    model.safetensors    every tensor of the student; int8 weights flattened by torchao's safetensors support
-                         (`<module>._weight_qdata`, `<module>._weight_scale`, ... plus their metadata)
+    model.safetensors    every tensor of the student; torchao's int8 weights flattened by its safetensors support
+                         (`<module>._weight_qdata`, `<module>._weight_scale`, ... plus their metadata); x86 ones as
+                         plain tensors (`<module>.weight` int8, `.weight_scale`, `.weight_zero_point`, `.bias`)
     quantization.json    the marker: scheme, torchao version, quantized module names, tied-weight aliases
     salmonn.yaml, whisper/config.json, beats_config.json, token_pruning.yaml, llm/ (config + tokenizer)
 
@@ -54,9 +54,11 @@ class JobConfig:
     parts: list[str] = field(default_factory=lambda: ["llm", "speech_encoder", "audio_encoder"])
     """Parts whose nn.Linear layers are quantized: any of llm, speech_encoder, audio_encoder, qformer, projector."""
     scheme: Scheme = "int8_weight_only"
-    """int8_weight_only (weights int8, matmul in the activation dtype: on a V100, float16 compute) or int8_dynamic (int8
-    activations too). Neither decodes faster than float32 on a CPU with torch 2.13 / torchao 0.18 (both cast or
-    quantize per call; `python -m evaluation.int8_speed` measures it): int8 buys bytes here, not CPU time."""
+    """int8_weight_only (torchao; weights int8, matmul in the activation dtype: the GPU scheme, float16 compute on a
+    V100), int8_dynamic (torchao; int8 activations too, `torch._int_mm`) or int8_dynamic_x86 (the CPU scheme: FBGEMM's
+    int8 GEMM on int8 weights and per-call quantized activations; x86 CPUs only). On a CPU the torchao schemes decode
+    slower than float32 (they cast or quantize per call); int8_dynamic_x86 is faster where the layers are wide enough
+    (`python -m evaluation.int8_speed` measures all three)."""
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     """Module names (or name suffixes after a dot) left in floating point."""
     check_text: str = "USER: Describe the audio.\nASSISTANT: a high tone followed by three short beeps"
