@@ -317,4 +317,9 @@ def test_every_preset_names_its_data_once():
             named = {p for key in ("train", "valid", "test") for p in (raw.get("data") or {}).get(key, [])}
             assert not named & paths, f"{stage} names {sorted(named & paths)}: leave them to {shared.name}"
             if "data" in raw or raw.get("job") in ("teacher.train", "distill.train", "evaluation.run"):
-                assert raw.get("include") == "shared.yaml", f"{stage} does not include shared.yaml"
+                chain = [stage]  # directly, or through another stage's YAML (recover.yaml includes distill.yaml)
+                while (yaml.safe_load(chain[-1].read_text()) or {}).get("include") not in (None, "shared.yaml"):
+                    chain.append(shared.parent / yaml.safe_load(chain[-1].read_text())["include"])
+                    assert len(chain) < 4, chain
+                assert yaml.safe_load(chain[-1].read_text()).get("include") == "shared.yaml", \
+                    f"{stage} does not include shared.yaml"
