@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ ATTENTIONS = ("", "eager", "sdpa")
 class InferenceOption:
     """One way to run a model's TTFT / TPOT path. The defaults are the harness as it runs today."""
 
-    attention: str = ""
+    attention: Literal["", "eager", "sdpa"] = ""
     """See `ATTENTIONS`. Parts without that implementation in transformers keep theirs (`attention_applied`)."""
     static_cache: bool = False
     """Prefill into a preallocated `transformers.StaticCache` of `max_cache_len` positions and decode in place,
@@ -134,6 +134,21 @@ class OptionModel(AudioLanguageModel):
         """The model's own `generate` (the options change the timed TTFT / TPOT path, not full decoding)."""
         return self.model.generate(batch, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                    **generation_kwargs)
+
+
+def with_option(model: AudioLanguageModel, option: InferenceOption, clips: Sequence[Batch], prompt: str,
+                decode_steps: int) -> AudioLanguageModel:
+    """`model` itself for the default option (the harness unchanged), else an `OptionModel` whose static cache holds
+    the longest prefill of `clips` plus `decode_steps` (clips already on the model's device). A compiled option has run
+    every clip once before it is returned, so that no compilation falls into a timed run."""
+    if option == InferenceOption():
+        return model
+    longest = max(prefill_length(model, clip, prompt) for clip in clips) if option.static_cache else 0
+    wrapped = OptionModel(model, option, longest + decode_steps + 1)
+    if option.compile_decode or option.compile_encoders:
+        for clip in clips:
+            greedy_tokens(wrapped, clip, prompt, decode_steps)
+    return wrapped
 
 
 def static_cache(config: Any, max_cache_len: int) -> Any:

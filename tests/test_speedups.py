@@ -2,6 +2,7 @@
 folders: every option generates the baseline's greedy tokens, and the JSON and the table have every option of every
 model. No time is asserted on (the CPU is shared); only that each timed option has positive medians and ratios."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 from tiny_salmonn import tiny_batch, write_teacher_folder
 from tiny_student import write_clips, write_student_folder
 
+from common.config import ConfigError, from_dict
+from evaluation.efficiency import EfficiencyConfig, compare
 from evaluation.inference_options import (
     OPTIONS,
     InferenceOption,
@@ -115,3 +118,32 @@ def test_unknown_option_and_model_are_named(folders, capsys):
     assert "unknown ['static']" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not in configs/smoke/evaluate.yaml"):
         speedups_main(["--config", "configs/smoke/evaluate.yaml", "--models", "teachr"])
+
+
+def test_harness_option_is_timed_and_the_model_restored(folders, monkeypatch):
+    """`efficiency.speedups` in `compare` (what evaluation.run reads): the timed decode steps go through the static
+    path with eager attention, the settings say so, and afterwards the model runs its own attention again."""
+    from teacher.checkpoint import load_model_folder
+
+    model = load_model_folder(folders["teacher"])
+    steps = []
+    original = OptionModel.decode_step
+    monkeypatch.setattr(OptionModel, "decode_step", lambda self, *a: steps.append(1) or original(self, *a))
+    clip = {key: value[:1] for key, value in tiny_batch(1).items()}
+    option = InferenceOption(attention="eager", static_cache=True, compile_decode=True)
+    cfg = EfficiencyConfig(warmup_runs=1, timed_runs=2, decode_steps=3, throughput_runs=0, bandwidth_seconds=0,
+                           speedups=option)
+    result = compare({"teacher": model}, [clip], cfg)
+    assert len(steps) == (1 + 1 + 2 + 1) * 3  # compile pass, warm-up, timed runs, memory run: 3 steps each
+    assert result["settings"]["speedups"] == dataclasses.asdict(option)
+    assert result["settings"]["attention"]["teacher"]["LlamaForCausalLM"] == "eager"
+    assert model.llm.base_model.model.config._attn_implementation == "sdpa"
+    assert result["models"]["teacher"]["tpot_ms"] > 0
+
+
+def test_harness_option_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="speedups.attention"):
+        from_dict(EfficiencyConfig, {"speedups": {"attention": "flash"}})
+    with pytest.raises(ValueError, match="compile_decode needs static_cache"):
+        from_dict(EfficiencyConfig, {"speedups": {"compile_decode": True}})
+    assert from_dict(EfficiencyConfig, {}).speedups == InferenceOption()  # the default changes nothing
