@@ -31,10 +31,11 @@ class InferenceOption:
     """One way to run a model's TTFT / TPOT path. The defaults are the harness as it runs today."""
 
     attention: Literal["", "eager", "sdpa"] = ""
-    """See `ATTENTIONS`. Parts without that implementation in transformers keep theirs (`attention_applied`)."""
+    """"" keeps the attention each HF part was loaded with; "eager": HF's eager code; "sdpa": torch's
+    `scaled_dot_product_attention`. Parts without it in transformers keep theirs (Gemma-2 has no SDPA)."""
     static_cache: bool = False
-    """Prefill into a preallocated `transformers.StaticCache` of `max_cache_len` positions and decode in place,
-    instead of a `DynamicCache` that concatenates one position per step."""
+    """Prefill into a preallocated `transformers.StaticCache` (as long as the longest timed prefill + decode steps)
+    and decode in place, instead of a `DynamicCache` that concatenates one position per step."""
     compile_decode: bool = False
     """`torch.compile` the LLM's decode step (needs `static_cache`: with a growing cache every step is a new shape)."""
     compile_encoders: bool = False

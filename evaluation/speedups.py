@@ -40,7 +40,7 @@ from evaluation.inference_options import (
     greedy_tokens,
     prefill_length,
 )
-from evaluation.job import JobConfig, efficiency_clips, load_model, load_test_split
+from evaluation.job import JobConfig, efficiency_clips, load_model, load_test_split, ready_for_timing
 from evaluation.timing import EfficiencyConfig, Samples, evaluating, latency_run, summarize, threads
 
 COMPILE_CACHE_LIMIT = 64
@@ -77,17 +77,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         raise SystemExit(f"speedups: --models {unknown} are not in {args.config} (its models: {names})")
     if args.models:
         cfg.models = [ref for ref in cfg.models if ref.name in args.models]
-    if not cfg.models:
-        raise SystemExit(f"speedups: {args.config} lists no models; add {{name, loader, path}} entries to `models`")
-    missing = [f"{ref.name}: {ref.path}" for ref in cfg.models if not Path(ref.path).exists()]
-    if missing:
-        raise SystemExit(f"speedups: model folders of {args.config} missing ({'; '.join(missing)}); build them with "
-                         "`bash scripts/distill.sh --preset <preset>` or pass models=[...]")
-    if cfg.feature_store and not Path(cfg.feature_store).exists():
-        cfg.feature_store = ""
-    if cfg.threads and not cfg.efficiency.threads:
-        cfg.efficiency.threads = cfg.threads
-    return cfg
+    return ready_for_timing(cfg, "speedups", args.config)
 
 
 def failure(err: BaseException) -> str:
