@@ -21,6 +21,7 @@ from evaluation.inference_options import (
     prefill_length,
     static_cache,
 )
+from evaluation.speedups import bench_model, markdown
 from evaluation.speedups import main as speedups_main
 from prune.quantize import main as quantize_main
 from student.build import load_student_folder
@@ -147,3 +148,27 @@ def test_harness_option_config_errors_name_the_key():
     with pytest.raises(ValueError, match="compile_decode needs static_cache"):
         from_dict(EfficiencyConfig, {"speedups": {"compile_decode": True}})
     assert from_dict(EfficiencyConfig, {}).speedups == InferenceOption()  # the default changes nothing
+
+
+def test_a_failing_option_is_skipped_with_its_reason_and_the_others_run(folders, monkeypatch):
+    import evaluation.inference_options as inference_options
+
+    def unavailable(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no compiler backend on this machine\nmore lines of a long message")
+        return run
+
+    monkeypatch.setattr(inference_options.torch, "compile", unavailable)
+    model = load_student_folder(folders["student"]).eval()
+    clip = {key: value[:1] for key, value in tiny_batch(1).items()}
+    cfg = EfficiencyConfig(warmup_runs=1, timed_runs=2, decode_steps=2, throughput_runs=0)
+    with torch.inference_mode():
+        rows = bench_model(model, [clip], cfg, list(OPTIONS))["options"]
+    compiled = {"compile_decode", "compile_encoders", "all_compiled"}
+    assert {name for name, row in rows.items() if "skipped" in row} == compiled
+    for name in compiled:
+        assert rows[name]["skipped"].startswith("RuntimeError: no compiler backend on this machine (")
+    assert all(rows[name]["tpot"]["n"] == 2 * 2 for name in set(OPTIONS) - compiled)
+    assert "| compile_decode | – |" in markdown({"settings": {"timed_runs": 2, "decode_steps": 2, "threads": 1,
+                                                             "torch": "", "transformers": "", "command": ""},
+                                               "models": {"student": {"options": rows}}})
