@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import sys
 import time
 import traceback
@@ -41,7 +42,7 @@ from evaluation.inference_options import (
     prefill_length,
 )
 from evaluation.job import JobConfig, efficiency_clips, load_model, load_test_split, ready_for_timing
-from evaluation.timing import EfficiencyConfig, Samples, evaluating, latency_run, summarize, threads
+from evaluation.timing import EfficiencyConfig, Samples, check_clips, evaluating, latency_run, summarize, threads
 
 COMPILE_CACHE_LIMIT = 64
 """Compiled graphs kept per function: one per clip length for the encoders, one per option for the decode step."""
@@ -100,6 +101,7 @@ def bench_model(model: AudioLanguageModel, clips: Sequence[Batch], cfg: Efficien
     """
     if option_names[0] != "baseline":
         raise ValueError("the first option must be 'baseline' (the ratios divide by it)")
+    check_clips(clips)
     clips = [move_batch(clip, model.device) for clip in clips]
     max_cache_len = max(prefill_length(model, clip, cfg.prompt) for clip in clips) + cfg.decode_steps + 1
     rows: dict[str, dict[str, Any]] = {}
@@ -182,7 +184,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"Speed-ups as ratios to each model's baseline (the harness as it runs today), one process, "
              f"{settings['timed_runs']} round-robin repetitions × {settings['decode_steps']} decode steps after "
              f"warm-ups, medians; threads {settings['threads']}, torch {settings['torch']}, "
-             f"transformers {settings['transformers']}.", "",
+             f"transformers {settings['transformers']}"
+             + (f", load average {settings['load_average'][0]:.1f}." if "load_average" in settings else "."), "",
              f"Command: `{settings['command']}`", "",
              "| model | option | TTFT ms | TPOT ms | TTFT × baseline | TPOT × baseline | paired TTFT | paired TPOT "
              "| same tokens | note |",
@@ -232,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["models"][ref.name] = bench_model(model, clips, cfg.efficiency, args.options)
         del model
         gc.collect()
+    result["settings"]["load_average"] = os.getloadavg()  # other work on a shared CPU, for reading the ratios
     table = markdown(result)
     print("\n" + table)
     out = Path(args.out or Path(cfg.output_dir) / "speedups")
