@@ -40,18 +40,23 @@ def folders(tmp_path_factory):
             "clips": write_clips(root)}
 
 
-def test_bench_runs_every_option_and_keeps_the_tokens(folders, tmp_path):
-    models = ", ".join(f"{{name: {name}, loader: {loader}, path: {folders[name]}}}" for name, loader in LOADERS.items())
-    result = speedups_main(["--config", "configs/smoke/evaluate.yaml", "--out", str(tmp_path), f"models=[{models}]",
-                            f"data.test=[{folders['clips']}]", "features.whisper_chunk_seconds=2", "feature_store=",
-                            "efficiency_clips=2", "threads=1", "efficiency.warmup_runs=1", "efficiency.timed_runs=2",
-                            "efficiency.decode_steps=3"])
-    written = json.loads((tmp_path / "speedups.json").read_text())
+def run_bench(folders, out, names, options=tuple(OPTIONS)):
+    models = ", ".join(f"{{name: {name}, loader: {LOADERS[name]}, path: {folders[name]}}}" for name in names)
+    return speedups_main(["--config", "configs/smoke/evaluate.yaml", "--out", str(out), "--options", ",".join(options),
+                          f"models=[{models}]",
+                          f"data.test=[{folders['clips']}]", "features.whisper_chunk_seconds=2", "feature_store=",
+                          "efficiency_clips=2", "threads=1", "efficiency.warmup_runs=1", "efficiency.timed_runs=2",
+                          "efficiency.decode_steps=3"])
+
+
+def check_bench(result, out, names, options=tuple(OPTIONS)):
+    """Every option of every model timed, with the baseline's greedy tokens and (nearly) its logits; JSON = result."""
+    written = json.loads((out / "speedups.json").read_text())
     assert written == json.loads(json.dumps(result))
-    assert list(written["models"]) == list(LOADERS)
-    table = (tmp_path / "speedups.md").read_text()
+    assert list(written["models"]) == list(names)
+    table = (out / "speedups.md").read_text()
     for model, block in written["models"].items():
-        assert list(block["options"]) == list(OPTIONS)
+        assert list(block["options"]) == list(options)
         for name, row in block["options"].items():
             assert f"| {model} | {name} |" in table
             assert "skipped" not in row, (model, name, row.get("skipped"))
@@ -63,6 +68,20 @@ def test_bench_runs_every_option_and_keeps_the_tokens(folders, tmp_path):
             assert all(value > 0 for value in row["ratio"].values())
         assert block["options"]["baseline"]["ratio"]["tpot_ms"] == 1.0
         assert block["options"]["baseline"]["max_logit_diff"] == 0.0
+    return written
+
+
+def test_bench_keeps_the_tokens_of_an_int8_gemma2(folders, tmp_path):
+    """The int8 student alone (Gemma-2 with sliding layers, torchao weights in a compiled decode step), the encoders
+    left uncompiled (half a minute of compiling: the slow test below covers them)."""
+    options = ("baseline", "eager_attention", "sdpa_attention", "static_cache", "compile_decode")
+    check_bench(run_bench(folders, tmp_path, ["int8"], options), tmp_path, ["int8"], options)
+
+
+@pytest.mark.slow
+def test_bench_runs_every_option_of_every_stage(folders, tmp_path):
+    """Teacher (LLaMA + LoRA, SDPA as loaded), student and int8: ~2.5 min cold (compiling), ~35 s warm."""
+    written = check_bench(run_bench(folders, tmp_path, list(LOADERS)), tmp_path, list(LOADERS))
     # eager attention really switched the LLaMA teacher (SDPA as loaded) and was restored after
     assert written["models"]["teacher"]["options"]["eager_attention"]["attention"]["LlamaForCausalLM"] == "eager"
     assert written["models"]["teacher"]["options"]["baseline"]["attention"]["LlamaForCausalLM"] == "sdpa"
