@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with evaluating([model]), threads(cfg.efficiency.threads):
             result["models"][ref.name] = bench_model(model, clips, cfg.efficiency, args.options)
         del model
+        torch._dynamo.reset()  # the next model recompiles anyway: drop this one's graphs and their guards
         gc.collect()
     result["settings"]["load_average"] = os.getloadavg()  # other work on a shared CPU, for reading the ratios
     table = markdown(result)
