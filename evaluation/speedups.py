@@ -13,6 +13,9 @@ Before timing, each option's greedy tokens on every clip are compared with the b
 what is generated. An option that fails (e.g. a module `torch.compile` cannot trace) is reported as skipped with the
 reason; the others still run. Writes `<out>/speedups.json` and `<out>/speedups.md` (default out: the config's
 `output_dir`/speedups). `key=value` after the options overrides the evaluation config (e.g. `efficiency.timed_runs=10`).
+
+An option that helps can then be switched on in the harness itself (every model of `evaluation.run`, `repeatability`,
+`gpu_check`): `efficiency.speedups.static_cache=true efficiency.speedups.compile_decode=true`, and so on.
 """
 
 from __future__ import annotations
