@@ -20,6 +20,9 @@ the device synchronized before and after every timed region):
     weights, rather than reading the device's absolute peak, keeps the number to this model when several
     share a process. On CUDA the raw `max_memory_allocated` is reported beside it.
   - Throughput: full `generate` on batches of `throughput_batch_size` clips, clips per second.
+  - Speed-ups (`cfg.speedups`, none by default): the attention code, a static KV cache and `torch.compile` of the
+    decode step and the encoders (`evaluation.inference_options`) apply to the timed runs and throughput; the
+    analytic costs stay the model's own. `python -m evaluation.speedups` measures which help.
   - Analytic costs (`evaluation.analytic`): FLOPs and bytes moved per decode step (at the timed steps' mean context)
     and per prefill, from the model's shapes; with the machine's memory bandwidth (a large copy, ~1 s) they give
     the TPOT floor, bytes per step / bandwidth, beside the measured TPOT.
@@ -31,6 +34,7 @@ Three rooms: `evaluation.timing` holds the protocol (`EfficiencyConfig`, the int
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import time
@@ -43,6 +47,7 @@ from torch import nn
 
 from common.model import AudioLanguageModel, Batch, move_batch
 from common.sizes import count_parameters, weight_bytes
+from evaluation.inference_options import attention_applied, with_option
 from evaluation.memory import MIB, PeakMemoryMeter
 from evaluation.timing import (
     EfficiencyConfig,
@@ -88,16 +93,20 @@ def compare(models: Mapping[str, AudioLanguageModel], clips: Sequence[Batch], cf
     inputs = {name: [move_batch(clip, model.device) for clip in clips] for name, model in models.items()}
     samples = {name: Samples() for name in names}
     gc.collect()
-    with evaluating(list(models.values())), threads(cfg.threads):
-        run_latency(models, inputs, cfg, samples)
+    with evaluating(list(models.values())), threads(cfg.threads), contextlib.ExitStack() as stack:
+        attention = {name: stack.enter_context(attention_applied(model, cfg.speedups.attention))
+                     for name, model in models.items()}
+        timed_models = {name: with_option(model, cfg.speedups, inputs[name], cfg.prompt, cfg.decode_steps)
+                        for name, model in models.items()}
+        run_latency(timed_models, inputs, cfg, samples)
         if cfg.throughput_runs:
-            run_throughput(models, inputs, cfg, samples)
+            run_throughput(timed_models, inputs, cfg, samples)
         costs = {name: _analytic(model, inputs[name][0], cfg) for name, model in models.items()}
     bandwidth = _bandwidths(models, cfg)
     reports = {name: _report(model, samples[name], cfg, costs[name], bandwidth.get(str(model.device)))
                for name, model in models.items()}
     return {
-        "settings": {**_settings(models, clips, cfg), "memory_bandwidth": bandwidth},
+        "settings": {**_settings(models, clips, cfg), "attention": attention, "memory_bandwidth": bandwidth},
         "reference": reference,
         "models": reports,
         "ratios": {name: {**ratios(reports[name], reports[reference]),
@@ -301,5 +310,4 @@ def _settings(models: Mapping[str, AudioLanguageModel], clips: Sequence[Batch],
         "cuda_devices": cuda_names,
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
-        "attention": {name: attention_implementations(model) for name, model in models.items()},
     }

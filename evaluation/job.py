@@ -6,6 +6,7 @@ batch 1. `evaluation.run` (quality and efficiency), `evaluation.gpu_check` (abso
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -73,6 +74,23 @@ class JobConfig:
 
 def load_model(ref: ModelRef, device: str = "cpu", dtype: InferenceDtype = "float32") -> AudioLanguageModel:
     return load_model_folder(ref.loader, ref.path, device, dtype, where=f"models[{ref.name}].loader")
+
+
+def ready_for_timing(cfg: JobConfig, command: str, source: str) -> JobConfig:
+    """`cfg` checked and settled for a timing benchmark: every model folder exists (else SystemExit naming the missing
+    ones, `command` and `source` the config file), a feature store that is not there is computed on the fly instead,
+    and `threads` is the efficiency threads when those are unset."""
+    if not cfg.models:
+        raise SystemExit(f"{command}: {source} lists no models; add {{name, loader, path}} entries to `models`")
+    missing = [f"{ref.name}: {ref.path}" for ref in cfg.models if not Path(ref.path).exists()]
+    if missing:
+        raise SystemExit(f"{command}: model folders of {source} missing ({'; '.join(missing)}); build them with "
+                         "`bash scripts/distill.sh --preset <preset>` or pass models=[...]")
+    if cfg.feature_store and not Path(cfg.feature_store).exists():
+        cfg.feature_store = ""
+    if cfg.threads and not cfg.efficiency.threads:
+        cfg.efficiency.threads = cfg.threads
+    return cfg
 
 
 def efficiency_clips(dataset, cfg: JobConfig) -> list[dict]:

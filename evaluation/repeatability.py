@@ -21,7 +21,7 @@ import torch
 
 from common.config import parse_cli
 from evaluation.efficiency import compare
-from evaluation.job import JobConfig, efficiency_clips, load_model, load_test_split
+from evaluation.job import JobConfig, efficiency_clips, load_model, load_test_split, ready_for_timing
 
 RATIOS = ("ttft_ms", "tpot_ms", "ttft_ms_paired", "tpot_ms_paired")
 TOLERANCE = 0.05
@@ -34,16 +34,7 @@ def disagreement(first: float, second: float) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_cli(JobConfig, argv, description=__doc__.split("\n\n")[0], prog="evaluation.repeatability")
-    if not cfg.models:
-        raise SystemExit("config error: `models` is empty; list at least one {name, loader, path}")
-    missing = [f"{ref.name}: {ref.path}" for ref in cfg.models if not Path(ref.path).exists()]
-    if missing:
-        raise SystemExit(f"repeatability: model folders missing ({'; '.join(missing)}); build them with "
-                         "`bash scripts/distill.sh --preset <preset>` or pass models=[...]")
-    if cfg.feature_store and not Path(cfg.feature_store).exists():
-        cfg.feature_store = ""
-    if cfg.threads and not cfg.efficiency.threads:
-        cfg.efficiency.threads = cfg.threads
+    ready_for_timing(cfg, "repeatability", "the config")
     cfg.efficiency.throughput_runs = 0  # latency ratios only
     clips = efficiency_clips(load_test_split(cfg), cfg)
     models = {ref.name: load_model(ref, cfg.device, cfg.dtype) for ref in cfg.models}

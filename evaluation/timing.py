@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from common.model import AudioLanguageModel, Batch, batch_size_of, concat_batches
+from evaluation.inference_options import InferenceOption
 from evaluation.memory import PeakMemoryMeter
 
 PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -68,6 +69,10 @@ class EfficiencyConfig:
     """Add FLOPs and bytes per decode step and per prefill from the model's shapes (`evaluation.analytic`)."""
     bandwidth_seconds: float = 1.0
     """How long to measure the device's memory bandwidth (repeated large copies) for the TPOT floor; 0 skips it."""
+    speedups: InferenceOption = dataclasses.field(default_factory=InferenceOption)
+    """Inference speed-ups applied while timing (`evaluation.inference_options`): `attention` ("" as loaded, eager,
+    sdpa), `static_cache`, `compile_decode` (needs static_cache), `compile_encoders`; the defaults change nothing.
+    `python -m evaluation.speedups` measures which ones help."""
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOL_DEFAULTS:
