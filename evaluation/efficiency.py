@@ -289,13 +289,6 @@ def set_attention(model: nn.Module, attention: str) -> nn.Module:
     return model
 
 
-def attention_implementations(model: nn.Module) -> dict[str, str]:
-    """Class name → attention implementation of the Hugging Face models inside `model` (what actually runs)."""
-    from transformers import PreTrainedModel
-
-    return {type(m).__name__: m.config._attn_implementation for m in model.modules() if isinstance(m, PreTrainedModel)}
-
-
 def _settings(models: Mapping[str, AudioLanguageModel], clips: Sequence[Batch],
               cfg: EfficiencyConfig) -> dict[str, Any]:
     devices = {str(model.device) for model in models.values()}
