@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # smolt's main job. With no arguments it runs the quick preset end to end on this machine: the embedded toy
-# benchmark with a teacher whose encoders are pretrained, frozen and stored once (about 30 min on 2 cores: paper/tables/quick.md).
+# benchmark with a teacher whose encoders are pretrained, frozen and stored once (about 30 min on 2 cores,
+# paper/tables/quick.md).
 #
 #   bash scripts/distill.sh                      # quick preset (configs/quick/)
 #   bash scripts/distill.sh --preset toy         # the toy preset behind paper/ (about 80 min on 2 cores)
