@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 from safetensors import safe_open
-from tiny_student import training_batch, write_student_folder
+from tiny_student import outputs, training_batch, write_student_folder
 from torch import nn
 from torch.nn import functional as F
 
@@ -64,12 +64,6 @@ def test_flop_counter_counts_the_int8_matmul():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return write_student_folder(tmp_path_factory.mktemp("int8x86"))
-
-
-def outputs(model, batch):
-    with torch.no_grad():
-        audio = model.encode_audio(batch)
-        return audio, model.prefill(audio, batch["prompts"])[0]
 
 
 def test_x86_round_trip(folder, tmp_path):

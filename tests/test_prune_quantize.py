@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_student import training_batch, write_student_folder
+from tiny_student import outputs, training_batch, write_student_folder
 from torchao.utils import TorchAOBaseTensor
 
 from common.sizes import weight_bytes
@@ -20,12 +20,6 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return write_student_folder(tmp_path_factory.mktemp("int8"))
-
-
-def outputs(model, batch):
-    with torch.no_grad():
-        audio = model.encode_audio(batch)
-        return audio, model.prefill(audio, batch["prompts"])[0]
 
 
 @pytest.mark.parametrize("scheme", ["int8_weight_only", "int8_dynamic"])

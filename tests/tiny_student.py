@@ -57,6 +57,13 @@ def write_student_folder(root: Path, seed: int = 0) -> Path:
     return save_student_folder(model, cfg, root / "student")
 
 
+def outputs(model, batch: dict):
+    """What a reload must reproduce: the audio embeddings `[batch, tokens, d]` and the prefill's last logits."""
+    with torch.no_grad():
+        audio = model.encode_audio(batch)
+        return audio, model.prefill(audio, batch["prompts"])[0]
+
+
 def training_batch(model, seed: int = 0) -> dict:
     """`tiny_batch` plus references tokenized with the model's tokenizer (teacher forcing)."""
     batch = tiny_batch(seed=seed)
