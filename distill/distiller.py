@@ -44,6 +44,7 @@ from teacher.build import LLMConfig, SalmonnConfig, load_tokenizer
 from teacher.cache_identity import sample_keys, teacher_identity, teacher_tokenizer_identity
 from teacher.cache_store import CacheReader
 from teacher.checkpoint import load_model_folder, read_model_config
+from teacher.encoder_store import with_cached_encoders
 from teacher.salmonn import Salmonn, shift_for_next_token
 from teacher.validation import ValidationConfig, validator
 
@@ -110,6 +111,11 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     feature_store: str = ""
+    encoder_store: str = added_option("")
+    """Folder for the outputs of the student's frozen encoders (`student.freeze_whisper`, `student.freeze_beats`),
+    computed once per training clip and read instead of running them at every step, as `teacher.train`'s
+    `encoder_store`. Needs `kd.teacher: cache` (an online teacher must hear the clips itself) and no Whisper
+    hidden-state KD. A recovery run (`init_from`) whose pruning left the frozen encoders alone reuses the store."""
     transfer_clips_per_task: int = added_option(0)
     """Distil on only the first N distinct clips of each task of the train split (0 = all): a transfer set smaller
     than the data the teacher learned from, as SALMONN's teacher has heard far more than a distillation corpus
@@ -395,6 +401,21 @@ def build_distiller(cfg: DistillConfig, train) -> tuple[Distiller, SalmonnConfig
     return distiller, student_cfg
 
 
+def student_encoder_store(cfg: DistillConfig, student: Salmonn, train):
+    """`train` whose items carry the outputs of the student's frozen encoders, stored once under `encoder_store`."""
+    if cfg.kd.teacher != "cache" or cfg.kd.hidden_weight:
+        raise SystemExit("config error: encoder_store feeds stored student-encoder outputs to the batch, which an "
+                         "online teacher (kd.teacher: online, or kd.hidden_weight > 0) would read as its own; set "
+                         "kd.teacher: cache and kd.hidden_weight: 0, or encoder_store: ''")
+    if cfg.data.augment.active:
+        raise SystemExit("config error: data.augment changes the encoders' inputs, but encoder_store reads stored "
+                         "encoder outputs of the unaugmented clips; set encoder_store: '' to augment, or turn "
+                         "data.augment off")
+    train = with_cached_encoders(student, train, cfg.features, cfg.encoder_store, "student-train")
+    student.train()
+    return train
+
+
 def _prompt_texts(cfg: DistillConfig) -> list[str]:
     template = cfg.student.prompt.template.format(cfg.student.prompt.audio_wrapper + "x")
     return [template, *cfg.data.prompts.values()] * 50
@@ -439,6 +460,8 @@ def run_distillation(cfg: DistillConfig, force: bool = False) -> int:
     with accelerator.main_process_first(), whole_models(accelerator):
         train, valid = load_transfer_set(cfg), split_of(cfg, "valid")
         distiller, student_cfg = build_distiller(cfg, train)
+        if cfg.encoder_store:
+            train = student_encoder_store(cfg, distiller.student, train)
     distiller.prepare_teacher(accelerator, cfg.loop)
     tokenizers = report_tokenizers(distiller, train)
     print(f"tokenizers: {tokenizers}")

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import yaml
@@ -25,7 +26,7 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from common.bpe import train_bpe
-from common.config import from_dict, read_yaml, to_dict
+from common.config import added_option, from_dict, read_yaml, to_dict
 from common.hub import is_hub_id
 from common.int8_frozen import plain_state
 from student.token_pruning import PrunedBEATs, TokenPruningConfig
@@ -57,7 +58,13 @@ class StudentConfig:
     """The student's shape and where its parts come from."""
 
     whisper_layers: int = 2
-    """Teacher Whisper layers kept (maximally spaced, last included)."""
+    """Teacher Whisper layers kept (chosen by `whisper_layer_selection`)."""
+    whisper_layer_selection: Literal["spaced", "first"] = added_option("spaced")
+    """spaced: distil-whisper's rule, evenly spaced from the first layer to the last (the student's Whisper then
+    trains to close the gaps); first: the teacher's first `whisper_layers` layers, in order, so the student's Whisper
+    computes exactly the teacher's hidden state at that depth (then its final layer norm). `first` is what a frozen
+    student Whisper needs (`freeze_whisper`): its features are the pretrained encoder's own, not layers glued
+    across a gap, and they can be stored once per clip (`encoder_store`)."""
     token_pruning: TokenPruningConfig = field(default_factory=TokenPruningConfig)
     llm: LLMConfig = field(default_factory=lambda: LLMConfig(architecture="gemma2", tie_word_embeddings=True))
     tokenizer: StudentTokenizerConfig = field(default_factory=StudentTokenizerConfig)
@@ -76,10 +83,15 @@ class StudentConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
 
-def select_layers(teacher_layers: int, student_layers: int) -> list[int]:
-    """distil-whisper's choice: evenly spaced teacher layer indices from the first to the last (inclusive)."""
+def select_layers(teacher_layers: int, student_layers: int, selection: str = "spaced") -> list[int]:
+    """The teacher layer indices the student keeps: "spaced" is distil-whisper's choice, evenly spaced from the
+    first to the last (inclusive); "first" is the first `student_layers` in order."""
     if not 1 <= student_layers <= teacher_layers:
         raise ValueError(f"student_layers must be in [1, {teacher_layers}], got {student_layers}")
+    if selection == "first":
+        return list(range(student_layers))
+    if selection != "spaced":
+        raise ValueError(f"student.whisper_layer_selection must be spaced or first, got {selection!r}")
     if student_layers == 1:
         return [teacher_layers - 1]
     return [int(i) for i in np.linspace(0, teacher_layers - 1, student_layers, dtype=int)]
@@ -140,7 +152,8 @@ def build_student(cfg: StudentConfig, teacher_folder: str | Path) -> tuple[Salmo
     check_int8_frozen(cfg.llm, cfg.lora, None, "student")
     teacher = load_model_folder(teacher_folder)
     teacher_cfg = read_model_config(teacher_folder)
-    layers = select_layers(teacher.speech_encoder.config.encoder_layers, cfg.whisper_layers)
+    layers = select_layers(teacher.speech_encoder.config.encoder_layers, cfg.whisper_layers,
+                           cfg.whisper_layer_selection)
     whisper = distill_whisper_encoder(teacher.speech_encoder, layers)
     beats = None
     if teacher.audio_encoder is not None:

@@ -326,6 +326,9 @@ class Salmonn(AudioLanguageModel):
                                   + ((True,) if self.whisper_per_clip else ())).encode())
         for key, module in ((SPEECH_OUT, self.speech_encoder), (AUDIO_OUT, self.audio_encoder)):
             if key in keys:
+                pruning = getattr(module, "pruning_config", None)  # a student's BEATs token pruning (same weights)
+                if pruning is not None:
+                    h.update(repr(pruning).encode())
                 for name, tensor in sorted(plain_state(module.state_dict()).items()):  # int8 weights dequantized
                     h.update(name.encode())
                     h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())

@@ -190,3 +190,38 @@ def test_kd_on_some_tasks_leaves_the_others_to_ce(setup, tmp_path, monkeypatch):
 
     with pytest.raises(SystemExit, match=r"kd.tasks names \['captions'\]"):
         distill_main(recipe_args(setup, tmp_path / "bad", "kd.tasks=[captions]"))
+
+
+def test_a_frozen_students_encoders_stored_once_train_as_if_run_at_every_step(setup, tmp_path):
+    """`encoder_store` with the student's Whisper and BEATs frozen: the stored outputs (fp16, like the teacher's
+    store) give the step losses of running the frozen encoders, the saved student keeps the teacher's first Whisper
+    layer unchanged, and a recovery run from it reuses the store. An online teacher would read the student's stored
+    outputs as its own, so that is refused."""
+    from teacher.checkpoint import load_model_folder
+
+    frozen = ["student.freeze_whisper=true", "student.freeze_beats=true", "student.whisper_layer_selection=first",
+              "student.whisper_pad_to_longest=false", "kd.feature_weight=1.0", "loop.max_steps=2"]
+    assert distill_main(recipe_args(setup, tmp_path / "online", *frozen)) == 0
+    store = tmp_path / "encoders"
+    assert distill_main(recipe_args(setup, tmp_path / "stored", *frozen, f"encoder_store={store}")) == 0
+    files = sorted(p.name for p in store.glob("*.safetensors"))
+    assert len(files) == 1 and files[0].startswith("student-train-speech_encoder_out-")
+    run = lambda name: [r for r in read_metrics(tmp_path / name / "runs") if "train/loss" in r]
+    online, stored = run("online"), run("stored")
+    assert len(online) == len(stored) == 2
+    for a, b in zip(online, stored, strict=True):
+        for key in ("train/ce", "train/kd", "train/feature"):
+            # fp16 rounding of the stored outputs (relative 2^-11 per value) moves a loss by far less than 1e-3 of
+            # itself; the feature term is ~3e-6 here (the student's Q-Former is the teacher's copy), hence abs 1e-6
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
+    student = load_student_folder(tmp_path / "stored" / "model").speech_encoder.state_dict()
+    teacher = load_model_folder(setup / "teacher").speech_encoder.state_dict()  # "first": the same key names
+    assert "layers.0.fc1.weight" in student and "layers.1.fc1.weight" not in student
+    for key, value in student.items():
+        torch.testing.assert_close(value, teacher[key], rtol=0, atol=0, msg=key)
+    args = recipe_args(setup, tmp_path / "recovered", *frozen, f"encoder_store={store}",
+                       f"init_from={tmp_path / 'stored' / 'model'}")
+    assert distill_main(args) == 0
+    assert sorted(p.name for p in store.glob("*.safetensors")) == files  # the same encoders: the store is reused
+    with pytest.raises(SystemExit, match="kd.teacher: cache"):
+        distill_main(recipe_args(setup, tmp_path / "refused", *frozen, f"encoder_store={store}", "kd.teacher=online"))

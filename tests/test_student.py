@@ -16,6 +16,7 @@ from student.build import (
 from student.token_pruning import PrunedBEATs, TokenPruningConfig
 from teacher.build import LLMConfig, load_whisper_encoder
 from teacher.checkpoint import load_model_folder
+from teacher.salmonn import AUDIO_OUT
 
 torch.set_num_threads(1)
 
@@ -28,6 +29,22 @@ def test_select_layers_is_distil_whispers_rule():
     assert select_layers(4, 1) == [3]
     with pytest.raises(ValueError):
         select_layers(4, 5)
+
+
+def test_select_first_layers_keeps_the_teachers_hidden_state_at_that_depth(tmp_path):
+    """`whisper_layer_selection: first` (a frozen student Whisper): layers 0..k-1 in order, so the student's output
+    is the teacher's hidden state after layer k under the teacher's final norm, exactly (same weights, same ops)."""
+    assert select_layers(6, 2, "first") == [0, 1] and select_layers(4, 1, "first") == [0]
+    with pytest.raises(ValueError, match="spaced or first"):
+        select_layers(4, 2, "last")
+    write_teacher_folder(tmp_path)
+    teacher = load_whisper_encoder(tmp_path / "official" / "whisper").eval()
+    assert teacher.config.encoder_layers >= 2  # so that "first" and "spaced" differ
+    student = distill_whisper_encoder(teacher, select_layers(teacher.config.encoder_layers, 1, "first")).eval()
+    mel = tiny_batch()["mel"]
+    with torch.no_grad():
+        depth_one = teacher.layer_norm(teacher(mel, output_hidden_states=True).hidden_states[1])
+        torch.testing.assert_close(student(mel).last_hidden_state, depth_one, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +93,8 @@ def test_student_from_teacher_and_roundtrip(teacher_folder, tmp_path):
     with torch.no_grad():
         tokens = student.encode_audio(batch)
     assert tokens.shape == (2, 5, 24)  # same windows as the teacher: pruned BEATs tokens return to their positions
+    # the same BEATs weights, other outputs: a store of the teacher's BEATs outputs must not serve the student
+    assert student.encoder_fingerprint([AUDIO_OUT]) != teacher.encoder_fingerprint([AUDIO_OUT])
     save_student_folder(student, salmonn_cfg, tmp_path / "student")
     again = load_student_folder(tmp_path / "student")
     assert isinstance(again.audio_encoder, PrunedBEATs) and again.audio_encoder.pruning_config.keep_ratio == 0.5
