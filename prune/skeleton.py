@@ -29,7 +29,7 @@ from common.int8_frozen import dequantize_linears
 from student.build import PRUNING_FILE
 from student.token_pruning import PrunedBEATs, TokenPruningConfig
 from teacher.beats import BEATs, BEATsConfig
-from teacher.build import DTYPES, HEADS_KEPT, LLMConfig, SalmonnConfig, keep_whisper_heads, load_tokenizer
+from teacher.build import DTYPES, HEADS_KEPT, LLMConfig, SalmonnConfig, audio_scale, keep_whisper_heads, load_tokenizer
 from teacher.checkpoint import MODEL_CONFIG, base_llm_state, read_model_config
 from teacher.qformer import WindowQFormer
 from teacher.salmonn import Salmonn
@@ -85,7 +85,8 @@ def build_skeleton(folder: str | Path, llm: nn.Module | None = None) -> Salmonn:
         llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder / "llm"), dtype=DTYPES[cfg.llm.dtype])
     tokenizer = load_tokenizer(LLMConfig(path=str(folder / "llm"), add_pad_token=cfg.llm.add_pad_token))
     model = Salmonn(whisper, beats, qformer, llm, tokenizer, cfg.prompt, pad_to_longest=cfg.whisper.pad_to_longest,
-                    beats_padding=cfg.beats.padding_features, whisper_per_clip=cfg.whisper.per_clip)
+                    beats_padding=cfg.beats.padding_features, whisper_per_clip=cfg.whisper.per_clip,
+                    audio_scale=audio_scale(cfg.llm, llm))
     return model.eval()
 
 

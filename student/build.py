@@ -36,6 +36,7 @@ from teacher.build import (
     SalmonnConfig,
     WhisperEncoderConfig,
     apply_lora,
+    audio_scale,
     build_llm,
     check_int8_frozen,
     load_tokenizer,
@@ -165,7 +166,7 @@ def build_student(cfg: StudentConfig, teacher_folder: str | Path) -> tuple[Salmo
     model = Salmonn(whisper, beats, copy.deepcopy(teacher.qformer), llm, tokenizer, cfg.prompt,
                     pad_to_longest=student_pad_to_longest(cfg, teacher_cfg),
                     beats_padding=teacher_cfg.beats.padding_features,
-                    whisper_per_clip=student_per_clip(cfg, teacher_cfg))
+                    whisper_per_clip=student_per_clip(cfg, teacher_cfg), audio_scale=audio_scale(cfg.llm, llm))
     model.ln_speech.load_state_dict(teacher.ln_speech.state_dict())
     if cfg.projector_from_teacher:
         if model.projector.weight.shape != teacher.projector.weight.shape:

@@ -9,6 +9,7 @@ the same loaders serve both.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -107,6 +108,11 @@ class LLMConfig:
     frozen: `lora.enabled: true` or `freeze: true`."""
     add_pad_token: bool = True
     """Add SALMONN's `[PAD]` token (and resize the embeddings) when the tokenizer has no pad token."""
+    unscale_audio: bool = added_option(False)
+    """Gemma multiplies every input embedding by sqrt(hidden_size) (48 for Gemma-2-2B); true divides the audio tokens
+    by it first, as PaliGemma does its image tokens, so that they enter the LLM at the projection's scale rather
+    than sqrt(hidden_size) times it. Does nothing for an LLM without that scaling (LLaMA, Vicuna). Saved with the
+    model; false (the default) keeps models trained before it decoding as they were."""
 
 
 @dataclass
@@ -322,6 +328,19 @@ def apply_lora(llm: nn.Module, cfg: LoraSpec) -> nn.Module:
         return get_peft_model(llm, config)
 
 
+EMBED_SCALED = ("gemma", "gemma2", "gemma3", "gemma3_text")
+"""Hugging Face model types whose embedding layer's output is multiplied by sqrt(hidden_size) in the model."""
+
+
+def audio_scale(cfg: LLMConfig, llm: nn.Module) -> float:
+    """The factor on the projected audio tokens (`Salmonn.audio_scale`): 1 / sqrt(hidden_size) for an LLM that scales
+    its input embeddings by sqrt(hidden_size) when `cfg.unscale_audio`, else 1."""
+    config = llm.config
+    if not cfg.unscale_audio or config.model_type not in EMBED_SCALED:
+        return 1.0
+    return 1.0 / math.sqrt(config.hidden_size)
+
+
 def set_trainable(model: Salmonn, cfg: SalmonnConfig) -> None:
     """Freeze what the config freezes; the Q-Former, projection and layer norms always train."""
     model.speech_encoder.requires_grad_(not cfg.whisper.freeze)
@@ -343,7 +362,8 @@ def build_salmonn(cfg: SalmonnConfig, load_checkpoint: bool = True):
     if cfg.lora.enabled:
         llm = apply_lora(llm, cfg.lora)
     model = Salmonn(whisper, beats, qformer, llm, tokenizer, cfg.prompt, pad_to_longest=cfg.whisper.pad_to_longest,
-                    beats_padding=cfg.beats.padding_features, whisper_per_clip=cfg.whisper.per_clip)
+                    beats_padding=cfg.beats.padding_features, whisper_per_clip=cfg.whisper.per_clip,
+                    audio_scale=audio_scale(cfg.llm, llm))
     if model.ln_audio is not None:
         nn.init.constant_(model.ln_audio.weight, cfg.beats.ln_gain_init)
     set_trainable(model, cfg)

@@ -180,7 +180,7 @@ class Salmonn(AudioLanguageModel):
 
     def __init__(self, speech_encoder: nn.Module, audio_encoder: nn.Module | None, qformer: WindowQFormer,
                  llm: nn.Module, tokenizer, prompt: PromptConfig | None = None, pad_to_longest: bool = False,
-                 beats_padding: BeatsPadding = "official", whisper_per_clip: bool = False):
+                 beats_padding: BeatsPadding = "official", whisper_per_clip: bool = False, audio_scale: float = 1.0):
         super().__init__()
         if beats_padding not in BEATS_PADDING:
             raise ValueError(f"beats.padding_features: {beats_padding!r} is not one of {BEATS_PADDING}")
@@ -196,6 +196,9 @@ class Salmonn(AudioLanguageModel):
         self.ln_audio = nn.LayerNorm(audio_encoder.cfg.encoder_embed_dim) if audio_encoder is not None else None
         self.qformer = qformer
         self.projector = nn.Linear(qformer.cfg.hidden_size, llm.config.hidden_size)
+        self.audio_scale = audio_scale
+        """Factor on the projected audio tokens: 1 / sqrt(hidden_size) cancels a Gemma LLM's embedding scaling
+        (`llm.unscale_audio`, `teacher.build.audio_scale`), 1 leaves them as SALMONN feeds Vicuna."""
         self.llm = llm
         self.tokenizer = tokenizer
         self.prompt_cfg = prompt or PromptConfig()
@@ -339,7 +342,14 @@ class Salmonn(AudioLanguageModel):
         return self.qformer(self.join_encoders(batch))
 
     def encode_audio(self, batch: dict) -> torch.Tensor:
-        return self.projector(self.audio_queries(batch)).to(self.llm_dtype)
+        return self.project(self.audio_queries(batch))
+
+    def project(self, queries: torch.Tensor) -> torch.Tensor:
+        """Q-Former outputs → the LLM's input embeddings of the audio tokens."""
+        audio = self.projector(queries)
+        if self.audio_scale != 1.0:
+            audio = audio * self.audio_scale
+        return audio.to(self.llm_dtype)
 
     # ----- prompt wrapping -------------------------------------------------------------------------------
     def prompt_ids(self, instruction: str) -> tuple[list[int], list[int]]:
@@ -399,7 +409,7 @@ class Salmonn(AudioLanguageModel):
         loss is the same): with a 49k vocabulary the head is a fifth of a small LLM's work at every position.
         """
         queries = self.audio_queries(batch)
-        audio = self.projector(queries).to(self.llm_dtype)
+        audio = self.project(queries)
         inputs, mask, labels = self.wrap(audio, batch["prompts"], batch["target_ids"], batch["labels"])
         if target_logits_only:
             targets = (labels != -100).any(0).nonzero()[:, 0]

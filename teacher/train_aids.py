@@ -221,7 +221,7 @@ class AudioTokenAligner(nn.Module):
         """`[batch, vocab]`: per token, the scaled best cosine similarity over the clip's own audio tokens (from the
         Q-Former outputs `queries` when the caller has them)."""
         queries = self.model.audio_queries(batch) if queries is None else queries
-        audio = self.model.projector(queries).float()  # [batch, windows, llm_dim]
+        audio = self.model.project(queries).float()  # [batch, windows, llm_dim]
         own = own_window_mask(batch, self.model.qformer.cfg, audio.shape[1]).to(audio.device)
         cosine = F.normalize(audio, dim=-1) @ self.directions.T  # [batch, windows, vocab]
         best = cosine.masked_fill(~own.unsqueeze(-1), -1.0).max(dim=1).values

@@ -14,7 +14,7 @@ from student.build import (
     select_layers,
 )
 from student.token_pruning import PrunedBEATs, TokenPruningConfig
-from teacher.build import LLMConfig, load_whisper_encoder
+from teacher.build import LLMConfig, audio_scale, load_whisper_encoder
 from teacher.checkpoint import load_model_folder
 from teacher.salmonn import AUDIO_OUT
 
@@ -131,3 +131,30 @@ def test_student_of_a_per_clip_teacher_reads_each_clip_alone_unless_told_otherwi
     padded = dataclasses.replace(student_config, whisper_pad_to_longest=True)
     student, salmonn_cfg = build_student(padded, tmp_path / "teacher")
     assert not student.whisper_per_clip and student.pad_to_longest and not salmonn_cfg.whisper.per_clip
+
+
+def test_unscale_audio_cancels_gemmas_embedding_scale_and_is_saved_with_the_student(teacher_folder, tmp_path):
+    """Gemma multiplies its input embeddings by sqrt(hidden_size); `llm.unscale_audio` divides the projected audio
+    tokens by it first (PaliGemma's rule), and a student saved that way loads back that way."""
+    import dataclasses
+
+    root = teacher_folder
+    plain = student_cfg(root)
+    ensure_student_tokenizer(plain, TEXTS)
+    unscaled = dataclasses.replace(plain, llm=dataclasses.replace(plain.llm, unscale_audio=True))
+    batch = tiny_batch()
+    tokens = {}
+    for name, cfg in (("plain", plain), ("unscaled", unscaled)):
+        torch.manual_seed(0)
+        student, salmonn_cfg = build_student(cfg, root / "teacher")
+        with torch.no_grad():
+            tokens[name] = student.eval().encode_audio(batch)
+        save_student_folder(student, salmonn_cfg, tmp_path / name)
+    assert student.audio_scale == pytest.approx(24**-0.5)  # hidden_size 24
+    torch.testing.assert_close(tokens["unscaled"], tokens["plain"] / 24**0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(load_student_folder(tmp_path / "unscaled").encode_audio(batch), tokens["unscaled"])
+    assert load_student_folder(tmp_path / "plain").audio_scale == 1.0  # the default: as before
+    teacher = load_model_folder(root / "teacher")  # a LLaMA: no embedding scale to cancel
+    assert teacher.llm.config.model_type == "llama" and teacher.audio_scale == 1.0
+    assert audio_scale(LLMConfig(unscale_audio=True), teacher.llm) == 1.0
