@@ -3,9 +3,10 @@
     python paper/paired.py            # writes paper/tables/paired.md (run from the repository root)
 
 Nothing is re-measured. The per-seed values come from the rows files committed beside the tables
-(`tables/ablation_rows.json`, `tables/kd_tasks_rows.json`, full precision) or, for the first machine's tables whose
-rows files were never committed, from the per-seed values printed in paper.md itself (§4.2's first table and the
-transfer table's per-seed list, 3 decimals; differences of those carry up to ±0.001 of rounding).
+(`tables/ablation_rows.json`, `tables/kd_tasks_rows.json`, `tables/quick_kd_rows.json`, full precision) or, for
+the first machine's tables whose rows files were never committed, from the per-seed values printed in paper.md
+itself (§4.2's first table and the transfer table's per-seed list, 3 decimals; differences of those carry up to
+±0.001 of rounding).
 
 For each comparison and metric: the per-seed differences (second row − first), their mean, sample standard
 deviation (sd) and standard error of the mean (se = sd / √n), on how many seeds the second row is better (lower WER,
@@ -48,6 +49,7 @@ COMPARISONS = [
     ("paper.md", "CE only, 750 clips", "the recipe, 750 clips"),
     ("paper.md", "CE only, 250 clips", "the recipe, 250 clips"),
     ("paper.md", "CE only (4.2)", "CE only, 750 clips"),
+    ("quick_kd_rows.json", "student, CE only", "the recipe"),
     ("kd_tasks_rows.json", "student, CE only", "the recipe (forward KL + Q-Former feature KD, every task)"),
     ("kd_tasks_rows.json", "student, CE only", "the recipe, KD on transcripts only"),
     ("kd_tasks_rows.json", "the recipe (forward KL + Q-Former feature KD, every task)",
@@ -102,10 +104,11 @@ def main() -> None:
         "# Paired comparisons behind paper.md's claims",
         "",
         "Written by `python paper/paired.py` from the per-seed values in `tables/ablation_rows.json`,",
-        "`tables/kd_tasks_rows.json` and, for the first machine (paper.md §4.2's first table and its transfer",
-        "per-seed list; 3 decimals), paper.md itself. Difference = second row − first, paired by seed (same seed:",
-        "same initialisation and data order). se = sd / √n. \"differs\" only when |mean| > 2 se; with 3 seeds a",
-        "two-sided 5 % paired t test needs |t| > 4.30 (2 df), with 5 seeds |t| > 2.78 (4 df).",
+        "`tables/kd_tasks_rows.json`, `tables/quick_kd_rows.json` and, for the first machine (paper.md §4.2's first",
+        "table and its transfer per-seed list; 3 decimals), paper.md itself. Difference = second row − first,",
+        "paired by seed (same seed: same initialisation and data order). se = sd / √n. \"differs\" only when",
+        "|mean| > 2 se; with 3 seeds a two-sided 5 % paired t test needs |t| > 4.30 (2 df), with 5 seeds |t| > 2.78",
+        "(4 df).",
         "",
         "| source | first row | second row | metric | seeds | per-seed difference | mean ± se | sd | t | "
         "second better on | verdict |",
