@@ -44,7 +44,7 @@ from teacher.build import LLMConfig, SalmonnConfig, load_tokenizer
 from teacher.cache_identity import sample_keys, teacher_identity, teacher_tokenizer_identity
 from teacher.cache_store import CacheReader
 from teacher.checkpoint import load_model_folder, read_model_config
-from teacher.encoder_store import with_cached_encoders
+from teacher.encoder_store import refuse_augmented, with_cached_encoders
 from teacher.salmonn import Salmonn, shift_for_next_token
 from teacher.validation import ValidationConfig, validator
 
@@ -407,10 +407,7 @@ def student_encoder_store(cfg: DistillConfig, student: Salmonn, train):
         raise SystemExit("config error: encoder_store feeds stored student-encoder outputs to the batch, which an "
                          "online teacher (kd.teacher: online, or kd.hidden_weight > 0) would read as its own; set "
                          "kd.teacher: cache and kd.hidden_weight: 0, or encoder_store: ''")
-    if cfg.data.augment.active:
-        raise SystemExit("config error: data.augment changes the encoders' inputs, but encoder_store reads stored "
-                         "encoder outputs of the unaugmented clips; set encoder_store: '' to augment, or turn "
-                         "data.augment off")
+    refuse_augmented(cfg.data.augment.active)
     train = with_cached_encoders(student, train, cfg.features, cfg.encoder_store, "student-train")
     student.train()
     return train

@@ -11,6 +11,14 @@ from common.model import move_batch
 from teacher.salmonn import Salmonn
 
 
+def refuse_augmented(augment_active: bool) -> None:
+    """Stored encoder outputs are those of the unaugmented clips: stop a run that would augment them."""
+    if augment_active:
+        raise SystemExit("config error: data.augment changes the encoders' inputs, but encoder_store reads cached "
+                         "encoder outputs of the unaugmented clips; set encoder_store: '' to augment, or turn "
+                         "data.augment off")
+
+
 def with_cached_encoders(model: Salmonn, dataset, features: FeatureConfig, store_dir: str, name: str):
     """`dataset` whose items carry the outputs of `model`'s frozen encoders, each encoder's computed once into its
     own file under `store_dir` (so a change of BEATs does not recompute Whisper's)."""

@@ -36,7 +36,7 @@ from common.training import LoopConfig, OptimConfig, fit, seed_everything
 from teacher.build import SalmonnConfig, apply_lora, build_llm, build_salmonn
 from teacher.checkpoint import save_model_folder
 from teacher.ctc import CTCConfig, EncoderCTC, WithCTC
-from teacher.encoder_store import with_cached_encoders
+from teacher.encoder_store import refuse_augmented, with_cached_encoders
 from teacher.salmonn import SPEECH_OUT, Salmonn
 from teacher.train_aids import (
     AlignConfig,
@@ -218,10 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     if force:
         # A forced rerun starts from scratch: the loop would otherwise resume from the old checkpoints.
         shutil.rmtree(out_dir, ignore_errors=True)
-    if cfg.encoder_store and cfg.data.augment.active:
-        raise SystemExit("config error: data.augment changes the encoders' inputs, but encoder_store reads cached "
-                         "encoder outputs of the unaugmented clips; set encoder_store: '' to augment, or turn "
-                         "data.augment off")
+    if cfg.encoder_store:
+        refuse_augmented(cfg.data.augment.active)
     seed_everything(cfg.loop.seed)
     save_resolved(cfg, out_dir)
     train, valid = load_split(cfg, "train"), load_split(cfg, "valid")
