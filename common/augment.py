@@ -29,6 +29,7 @@ import numpy as np
 import soxr
 
 from common.audio import SAMPLE_RATE, load_audio
+from common.config import added_option
 from common.views import DatasetView
 
 
@@ -54,6 +55,11 @@ class AugmentConfig:
     freq_mask_bins: int = 15
     """Widest frequency mask in Whisper mel bins (of `features.whisper_n_mels`); BEATs' fbank gets the same share
     of its 128 bins."""
+    stored_copies: int = added_option(0)
+    """With frozen encoders whose outputs are stored (`teacher.train`'s `encoder_store`): store their outputs for K
+    augmented copies of every training clip, copy c drawn as epoch c draws it, each computed once; epoch e then
+    reads copy e mod K (offline augmentation, as Kaldi's speed perturbation keeps its copies). 0: augmentation and
+    an encoder store are refused together, since the store holds the unaugmented clips' outputs."""
 
     @property
     def changes_waveform(self) -> bool:
@@ -69,7 +75,7 @@ class AugmentConfig:
             raise ValueError(f"data.augment.speed_perturb must be in [0, 1), got {self.speed_perturb}")
         if not 0.0 <= self.noise_prob <= 1.0:
             raise ValueError(f"data.augment.noise_prob must be in [0, 1], got {self.noise_prob}")
-        for name in ("time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins"):
+        for name in ("time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins", "stored_copies"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.augment.{name} must be ≥ 0, got {getattr(self, name)}")
 
@@ -203,3 +209,29 @@ def with_augmentation(dataset, cfg: AugmentConfig, seed: int):
     cfg.check()
     dataset.report.cleaning["augment"] = {**dataclasses.asdict(cfg), "seed": seed}
     return AugmentedDataset(dataset, cfg, seed)
+
+
+def augmentation_key(dataset: AugmentedDataset) -> str:
+    """A short hash of what the augmented items depend on besides the clips: the settings and the seed."""
+    import hashlib
+
+    settings = {k: v for k, v in dataclasses.asdict(dataset.cfg).items() if k != "stored_copies"}
+    return hashlib.sha256(repr((sorted(settings.items()), dataset.seed)).encode()).hexdigest()[:12]
+
+
+class StoredCopies(DatasetView):
+    """Training items from K views of the same split (stored encoder outputs of K augmented copies, `stored_copies`):
+    epoch e reads copy e mod K (`set_epoch`, called by `common.training.fit`)."""
+
+    def __init__(self, copies: list):
+        if not copies or any(len(c) != len(copies[0]) for c in copies):
+            raise ValueError("StoredCopies needs one or more views of the same split")
+        self.copies = copies
+        self.dataset = copies[0]
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        return self.copies[self.epoch % len(self.copies)][index]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -189,13 +189,16 @@ def with_feature_store(dataset: AudioTextDataset, feature_cfg: FeatureConfig, st
 # ----- cached outputs of frozen encoders ---------------------------------------------------------------------
 
 
-def build_encoder_store(dataset, encode: Callable[[dict], dict[str, list[torch.Tensor]]], path: Path,
-                        batch_size: int = 16, dtype: torch.dtype = torch.float16) -> None:
+def build_encoder_store(dataset, encode: Callable[[dict], dict[str, list[torch.Tensor]]],
+                        path: Path | Mapping[str, tuple[Path, str]], batch_size: int = 16,
+                        dtype: torch.dtype = torch.float16) -> None:
     """Run `encode` over every distinct clip of `dataset` once and write its outputs to `path`, atomically.
 
     `encode(batch)` maps a collated batch (`AudioTextCollator`) to `{key: [[frames_i, dim] per row]}`. Clips go in
     order of duration, so batches hold similar lengths. The file holds, per key, the rows concatenated
-    (`key` `[Σ frames_i, dim]`) and their offsets (`key_offsets` `[N + 1]`), N = distinct clips.
+    (`key` `[Σ frames_i, dim]`) and their offsets (`key_offsets` `[N + 1]`), N = distinct clips. `path` may
+    instead map each key `encode` returns to `(file, name)`: that key's rows go to their own file under `name`
+    (several outputs of one pass, each stored where its own fingerprint names it); keys it does not map are dropped.
     """
     unique, index = unique_clips(dataset)
     first = {}
@@ -204,7 +207,8 @@ def build_encoder_store(dataset, encode: Callable[[dict], dict[str, list[torch.T
     order = sorted(range(len(unique)), key=lambda row: dataset.durations[first[row]])
     collate = AudioTextCollator()
     outputs: dict[str, list] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc=f"encoder outputs {path.name}", unit="batch",
+    label = path.name if isinstance(path, Path) else ", ".join(sorted(Path(f).name for f, _ in path.values()))
+    for start in tqdm(range(0, len(order), batch_size), desc=f"encoder outputs {label}", unit="batch",
                       disable=None):
         rows = order[start : start + batch_size]
         batch = collate([dataset[first[row]] for row in rows])
@@ -212,15 +216,23 @@ def build_encoder_store(dataset, encode: Callable[[dict], dict[str, list[torch.T
             slots = outputs.setdefault(key, [None] * len(unique))
             for row, tensor in zip(rows, tensors, strict=True):
                 slots[row] = tensor.to(dtype).contiguous()
-    tensors = {}
+    files: dict[Path, dict[str, list]] = {}
     for key, rows in outputs.items():
-        lengths = torch.tensor([0] + [t.shape[0] for t in rows])
-        tensors[key] = torch.cat(rows)
-        tensors[f"{key}_offsets"] = torch.cumsum(lengths, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"clips": str(len(unique)), "keys": ",".join(sorted(outputs))})
-    tmp.replace(path)
+        if isinstance(path, Path):
+            files.setdefault(path, {})[key] = rows
+        elif key in path:
+            file, name = path[key]
+            files.setdefault(Path(file), {})[name] = rows
+    for file, keyed in files.items():
+        tensors = {}
+        for key, rows in keyed.items():
+            lengths = torch.tensor([0] + [t.shape[0] for t in rows])
+            tensors[key] = torch.cat(rows)
+            tensors[f"{key}_offsets"] = torch.cumsum(lengths, 0)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"clips": str(len(unique)), "keys": ",".join(sorted(keyed))})
+        tmp.replace(file)
 
 
 class EncoderOutputDataset(DatasetView):
@@ -262,7 +274,13 @@ def with_encoder_outputs(dataset, encode: Callable[[dict], dict[str, list[torch.
     `fingerprint` must change whenever the outputs would (the encoders' weights and output rules, e.g.
     `Salmonn.encoder_fingerprint`); the clips hash covers the clip list and the feature settings.
     """
-    path = Path(store_dir) / f"{name}-{store_key(dataset, feature_cfg)}-{fingerprint}.safetensors"
+    path = encoder_store_path(dataset, fingerprint, feature_cfg, store_dir, name)
     if not path.is_file():
         build_encoder_store(dataset, encode, path, batch_size, dtype)
     return EncoderOutputDataset(dataset, path)
+
+
+def encoder_store_path(dataset, fingerprint: str, feature_cfg: FeatureConfig, store_dir: str | Path,
+                       name: str) -> Path:
+    """`store_dir/<name>-<clips hash>-<fingerprint>.safetensors`: where `with_encoder_outputs` keeps them."""
+    return Path(store_dir) / f"{name}-{store_key(dataset, feature_cfg)}-{fingerprint}.safetensors"

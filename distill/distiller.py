@@ -38,6 +38,7 @@ from student.build import (
     build_student,
     ensure_student_tokenizer,
     load_student_folder,
+    lora_over_loaded,
     save_student_folder,
 )
 from teacher.build import LLMConfig, SalmonnConfig, load_tokenizer
@@ -104,7 +105,9 @@ class DistillConfig:
     teacher_folder: str = "outputs/toy/teacher/model"
     student: StudentConfig = field(default_factory=StudentConfig)
     init_from: str = ""
-    """Start from this saved student (e.g. a pruned one) instead of building one from the teacher."""
+    """Start from this saved student (e.g. a pruned one) instead of building one from the teacher. With
+    `student.lora.enabled` its LLM is frozen (in int8 with `student.llm.int8_frozen`) and LoRA adapters train over it
+    (`student.build.lora_over_loaded`); the other `student.*` keys describe a new student and are not read."""
     kd: KDConfig = field(default_factory=KDConfig)
     stages: list[TrainingStage] = field(default_factory=list)
     """Optional schedule of which parts train when (empty: everything trainable trains throughout)."""
@@ -115,7 +118,9 @@ class DistillConfig:
     """Folder for the outputs of the student's frozen encoders (`student.freeze_whisper`, `student.freeze_beats`),
     computed once per training clip and read instead of running them at every step, as `teacher.train`'s
     `encoder_store`. Needs `kd.teacher: cache` (an online teacher must hear the clips itself) and no Whisper
-    hidden-state KD. A recovery run (`init_from`) whose pruning left the frozen encoders alone reuses the store."""
+    hidden-state KD. A recovery run (`init_from`) whose pruning left the frozen encoders alone reuses the store. Files
+    are named by what the outputs depend on: a student Whisper cut from the teacher's first k layers reads what the
+    teacher's pass stored with `encoder_store_whisper_cuts: [k]` (the same folder) without running."""
     transfer_clips_per_task: int = added_option(0)
     """Distil on only the first N distinct clips of each task of the train split (0 = all): a transfer set smaller
     than the data the teacher learned from, as SALMONN's teacher has heard far more than a distillation corpus
@@ -374,6 +379,8 @@ def build_distiller(cfg: DistillConfig, train) -> tuple[Distiller, SalmonnConfig
     if cfg.init_from:
         student = load_student_folder(cfg.init_from)
         student_cfg = read_model_config(cfg.init_from)
+        if cfg.student.lora.enabled:  # LoRA recovery over the saved student's frozen (int8) LLM
+            student, student_cfg = lora_over_loaded(student, student_cfg, cfg.student)
         layers = list(range(student.speech_encoder.config.encoder_layers))
     else:
         ensure_student_tokenizer(cfg.student, [ex.text for ex in train.examples] + _prompt_texts(cfg))
@@ -407,8 +414,8 @@ def student_encoder_store(cfg: DistillConfig, student: Salmonn, train):
         raise SystemExit("config error: encoder_store feeds stored student-encoder outputs to the batch, which an "
                          "online teacher (kd.teacher: online, or kd.hidden_weight > 0) would read as its own; set "
                          "kd.teacher: cache and kd.hidden_weight: 0, or encoder_store: ''")
-    refuse_augmented(cfg.data.augment.active)
-    train = with_cached_encoders(student, train, cfg.features, cfg.encoder_store, "student-train")
+    refuse_augmented(cfg.data.augment)
+    train = with_cached_encoders(student, train, cfg.features, cfg.encoder_store, "train")
     student.train()
     return train
 

@@ -28,7 +28,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from common.bpe import train_bpe
 from common.config import added_option, from_dict, read_yaml, to_dict
 from common.hub import is_hub_id
-from common.int8_frozen import plain_state
+from common.int8_frozen import plain_state, quantize_frozen
 from student.token_pruning import PrunedBEATs, TokenPruningConfig
 from teacher.build import (
     LLMConfig,
@@ -183,6 +183,22 @@ def build_student(cfg: StudentConfig, teacher_folder: str | Path) -> tuple[Salmo
         model.llm.requires_grad_(not cfg.llm.freeze)
     model.whisper_layers_from_teacher = layers
     return model, student_salmonn_config(cfg, teacher_cfg, whisper)
+
+
+def lora_over_loaded(model: Salmonn, salmonn_cfg: SalmonnConfig, cfg: StudentConfig
+                     ) -> tuple[Salmonn, SalmonnConfig]:
+    """LoRA recovery of a saved student (`distill.train`'s `init_from` with `student.lora.enabled`): its LLM frozen,
+    held in int8 with `student.llm.int8_frozen` (torchao weight-only, `common.int8_frozen`), and `student.lora`'s
+    adapters trained over it; the returned config saves and loads it that way (the base dequantized on disk)."""
+    if hasattr(model.llm, "get_base_model"):
+        raise SystemExit("config error: the init_from student already has LoRA adapters; merge them first "
+                         "(prune.structured merges them) or set student.lora.enabled: false")
+    model.llm.requires_grad_(False)
+    if cfg.llm.int8_frozen:
+        quantize_frozen(model.llm)
+    model.llm = apply_lora(model.llm, cfg.lora)
+    llm_cfg = dataclasses.replace(salmonn_cfg.llm, freeze=True, int8_frozen=cfg.llm.int8_frozen)
+    return model, dataclasses.replace(salmonn_cfg, llm=llm_cfg, lora=cfg.lora)
 
 
 def save_student_folder(model: Salmonn, salmonn_cfg: SalmonnConfig, out_dir: str | Path,

@@ -30,6 +30,11 @@ from teacher.qformer import WindowQFormer
 SPEECH_PLACEHOLDER = "<SpeechHere>"
 SPEECH_OUT, AUDIO_OUT = ENCODER_OUTPUTS
 """Batch keys of cached raw encoder outputs; `join_encoders` uses them instead of running the encoders."""
+
+
+def speech_cut_key(layers: int) -> str:
+    """`Salmonn.encoder_outputs`' key for the output of Whisper's first `layers` layers (`speech_cuts`)."""
+    return f"{SPEECH_OUT}@{layers}"
 BEATS_PATCH_FRAMES = 16
 """fbank frames (10 ms) per BEATs time patch."""
 BeatsPadding = Literal["official", "zero"]
@@ -39,31 +44,49 @@ computed there, unmasked, as the released SALMONN's forward does (the only right
 zeros, as smolt's toy teachers and students were trained (a clip's features then do not depend on its batch)."""
 
 
-def run_whisper_encoder(encoder: nn.Module, mel: torch.Tensor) -> torch.Tensor:
+def run_whisper_encoder(encoder: nn.Module, mel: torch.Tensor, cuts: Sequence[int] = ()
+                        ) -> torch.Tensor | dict[int, torch.Tensor]:
     """Whisper encoder over `mel` `[batch, n_mels, frames]` → `[batch, frames / 2, d_model]`.
 
     At the full chunk (2 × max_source_positions frames) this is transformers' own forward. Shorter inputs (a
     model trained on batches cut to their longest clip, like the toy teacher) take the same layers with the
     positional table cut to length: HF's forward refuses anything but the full 30 s a pretrained Whisper expects.
+    With `cuts`, `{k: output}` for each k in `cuts` and for the whole depth (`whisper_any_length`).
     """
+    if cuts:
+        return whisper_any_length(encoder, mel, cuts)
     if mel.shape[-1] == 2 * encoder.config.max_source_positions:
         return encoder(mel).last_hidden_state
     return whisper_any_length(encoder, mel)
 
 
-def whisper_any_length(encoder: nn.Module, mel: torch.Tensor) -> torch.Tensor:
-    """The Whisper encoder's forward with the positional table cut to the input's length (even, ≤ the chunk)."""
+def whisper_any_length(encoder: nn.Module, mel: torch.Tensor, cuts: Sequence[int] = ()
+                       ) -> torch.Tensor | dict[int, torch.Tensor]:
+    """The Whisper encoder's forward with the positional table cut to the input's length (even, ≤ the chunk).
+
+    With `cuts`, also what the encoder's first k layers compute under its final norm, for each k in `cuts`, from the
+    same pass: `{k: [batch, frames / 2, d_model]}`, the whole depth (`len(encoder.layers)`) included. That is the
+    output of a student Whisper cut from this one by `student.whisper_layer_selection: first` with k layers."""
     if mel.shape[-1] % 2 or mel.shape[-1] > 2 * encoder.config.max_source_positions:
         raise ValueError(f"mel frames must be even and at most {2 * encoder.config.max_source_positions}, "
                          f"got {mel.shape[-1]}")
+    depth = len(encoder.layers)
+    if any(not 1 <= k <= depth for k in cuts):
+        raise ValueError(f"Whisper cuts must be in [1, {depth}] layers, got {list(cuts)}")
     x = F.gelu(encoder.conv1(mel))
     x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
     x = x + encoder.embed_positions.weight[: x.shape[1]]
     x = F.dropout(x, p=encoder.dropout, training=encoder.training)
-    for layer in encoder.layers:
+    out = {}
+    for k, layer in enumerate(encoder.layers, start=1):
         x = layer(x, None)
         x = x[0] if isinstance(x, tuple) else x
-    return encoder.layer_norm(x)
+        if k in cuts and k < depth:
+            out[k] = encoder.layer_norm(x)
+    if not cuts:
+        return encoder.layer_norm(x)
+    out[depth] = encoder.layer_norm(x)
+    return out
 
 
 def crop_mel(batch: dict) -> torch.Tensor:
@@ -238,33 +261,46 @@ class Salmonn(AudioLanguageModel):
         audio = F.pad(audio, (0, 0, 0, length - audio.shape[1]))
         return torch.cat([speech, audio.to(speech.dtype)], dim=-1)
 
-    def encode_speech(self, batch: dict) -> torch.Tensor:
+    def encode_speech(self, batch: dict, cuts: Sequence[int] = ()) -> torch.Tensor | dict[int, torch.Tensor]:
         """Whisper encoder output `[batch, frames, d_whisper]` (before `ln_speech`).
 
         With `trim_to_audio`, frames past each clip's audio are zeroed and the batch is cut to its longest clip.
+        With `cuts`, `{k: output}` of the first k layers under the final norm for each k, and of the whole
+        encoder (`whisper_any_length`), from one pass.
         """
         dtype = next(self.speech_encoder.parameters()).dtype
         if self.whisper_per_clip:
-            speech = self.whisper_per_clip_outputs(batch, dtype)
+            speech = self.whisper_per_clip_outputs(batch, dtype, cuts)
         else:
             mel = crop_mel(batch) if self.pad_to_longest else batch["mel"]
-            speech = run_whisper_encoder(self.speech_encoder, mel.to(dtype))
+            speech = run_whisper_encoder(self.speech_encoder, mel.to(dtype), cuts)
+        if not cuts:
+            return self.trim_speech(batch, speech)
+        return {k: self.trim_speech(batch, v) for k, v in speech.items()}
+
+    def trim_speech(self, batch: dict, speech: torch.Tensor) -> torch.Tensor:
         if not self.trim_to_audio:
             return speech
         lengths = speech_frames(batch).to(speech.device).clamp(max=speech.shape[1])
         padding = torch.arange(speech.shape[1], device=speech.device)[None] >= lengths[:, None]
         return speech.masked_fill(padding.unsqueeze(-1), 0.0)[:, : int(lengths.max())]
 
-    def whisper_per_clip_outputs(self, batch: dict, dtype: torch.dtype) -> torch.Tensor:
+    def whisper_per_clip_outputs(self, batch: dict, dtype: torch.dtype, cuts: Sequence[int] = ()
+                                 ) -> torch.Tensor | dict[int, torch.Tensor]:
         """Whisper over each clip's own mel frames (rounded up to even), `[batch, longest clip's frames / 2, d]`,
-        zero past each clip's audio. Clips of the same length run as one batch (the same computation)."""
+        zero past each clip's audio. Clips of the same length run as one batch (the same computation). With
+        `cuts`, `{k: that}` as `whisper_any_length` gives them."""
         mel, frames = batch["mel"], batch["mel_frames"].tolist()
         lengths = [min(f + f % 2, mel.shape[-1]) for f in frames]
-        out = mel.new_zeros(mel.shape[0], max(lengths) // 2, self.speech_encoder.config.d_model, dtype=dtype)
+        depths = sorted({*cuts, len(self.speech_encoder.layers)}) if cuts else [0]
+        out = {k: mel.new_zeros(mel.shape[0], max(lengths) // 2, self.speech_encoder.config.d_model, dtype=dtype)
+               for k in depths}
         for length in sorted(set(lengths)):
             rows = [i for i, n in enumerate(lengths) if n == length]
-            out[rows, : length // 2] = run_whisper_encoder(self.speech_encoder, mel[rows, :, :length].to(dtype))
-        return out
+            speech = run_whisper_encoder(self.speech_encoder, mel[rows, :, :length].to(dtype), cuts)
+            for k, tensor in (speech.items() if cuts else [(0, speech)]):
+                out[k][rows, : length // 2] = tensor
+        return out if cuts else out[0]
 
     def encode_beats(self, batch: dict) -> torch.Tensor:
         """BEATs features `[batch, tokens, d_beats]` of the batch's fbank.
@@ -303,17 +339,22 @@ class Salmonn(AudioLanguageModel):
         return keys
 
     @torch.no_grad()
-    def encoder_outputs(self, batch: dict, keys: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+    def encoder_outputs(self, batch: dict, keys: Sequence[str], speech_cuts: Sequence[int] = ()
+                        ) -> dict[str, list[torch.Tensor]]:
         """Per clip, the raw outputs `join_encoders` reads for `keys`: `{key: [[frames_i, dim], ...]}` (float32).
 
         Each clip keeps its own frames: with `trim_to_audio` those holding its audio (the rest are zeros in any
-        batch), otherwise all of them."""
+        batch), otherwise all of them. With `speech_cuts` (and `SPEECH_OUT` in `keys`), also
+        `speech_cut_key(k)`: what a Whisper cut to this one's first k layers would give (`whisper_any_length`)."""
         out = {}
         if SPEECH_OUT in keys:
-            speech = self.encode_speech(batch).float()
-            lengths = speech_frames(batch).clamp(max=speech.shape[1]) if self.trim_to_audio else None
-            out[SPEECH_OUT] = [speech[i, : int(lengths[i])] if lengths is not None else speech[i]
-                               for i in range(speech.shape[0])]
+            depth = len(self.speech_encoder.layers)
+            speech = self.encode_speech(batch, speech_cuts) if speech_cuts else {depth: self.encode_speech(batch)}
+            for k, tensor in speech.items():
+                tensor = tensor.float()
+                lengths = speech_frames(batch).clamp(max=tensor.shape[1]) if self.trim_to_audio else None
+                out[SPEECH_OUT if k == depth else speech_cut_key(k)] = [
+                    tensor[i, : int(lengths[i])] if lengths is not None else tensor[i] for i in range(tensor.shape[0])]
         if AUDIO_OUT in keys:
             mask = whole_patch_padding(batch["fbank"], batch.get("fbank_padding_mask"))
             tokens = (~mask).sum(1) // BEATS_PATCH_FRAMES * 8  # 8 frequency patches per 160 ms
@@ -321,8 +362,13 @@ class Salmonn(AudioLanguageModel):
             out[AUDIO_OUT] = [audio[i, : int(tokens[i])] for i in range(audio.shape[0])]
         return out
 
-    def encoder_fingerprint(self, keys: Sequence[str]) -> str:
-        """Hash of what the cached outputs of `keys` depend on: those encoders' weights and the output rules."""
+    def encoder_fingerprint(self, keys: Sequence[str], speech_layers: int | None = None) -> str:
+        """Hash of what the cached outputs of `keys` depend on: those encoders' weights and the output rules.
+
+        With `speech_layers`, the hash a model would have whose Whisper is this one cut to its first `speech_layers`
+        layers (`student.build.distill_whisper_encoder` with selection "first": the same conv stem, positions and
+        final norm), its other settings equal to this one's: the outputs `speech_cuts` gives
+        (`encoder_outputs`) are stored under it, where such a student finds them."""
         import hashlib
 
         h = hashlib.sha256(repr((sorted(keys), self.trim_to_audio, self.pad_to_longest, self.beats_padding)
@@ -332,7 +378,11 @@ class Salmonn(AudioLanguageModel):
                 pruning = getattr(module, "pruning_config", None)  # a student's BEATs token pruning (same weights)
                 if pruning is not None:
                     h.update(repr(pruning).encode())
-                for name, tensor in sorted(plain_state(module.state_dict()).items()):  # int8 weights dequantized
+                state = plain_state(module.state_dict())  # int8 weights dequantized
+                if key == SPEECH_OUT and speech_layers is not None:
+                    state = {name: t for name, t in state.items()
+                             if not (name.startswith("layers.") and int(name.split(".")[1]) >= speech_layers)}
+                for name, tensor in sorted(state.items()):
                     h.update(name.encode())
                     h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from common.augment import AugmentedDataset
 from common.bpe import train_bpe
 from common.cli import run
 from common.config import added_option, config_hash, parse_cli, save_resolved
@@ -36,7 +37,7 @@ from common.training import LoopConfig, OptimConfig, fit, seed_everything
 from teacher.build import SalmonnConfig, apply_lora, build_llm, build_salmonn
 from teacher.checkpoint import save_model_folder
 from teacher.ctc import CTCConfig, EncoderCTC, WithCTC
-from teacher.encoder_store import refuse_augmented, with_cached_encoders
+from teacher.encoder_store import refuse_augmented, with_cached_encoders, with_stored_augmented_copies
 from teacher.salmonn import SPEECH_OUT, Salmonn
 from teacher.train_aids import (
     AlignConfig,
@@ -109,6 +110,10 @@ class JobConfig:
     training clip before SALMONN training and read instead of running the encoders at every step (and by
     `teacher.cache` with the same folder). Needs outputs that do not depend on the batch: Whisper without
     `pad_to_longest`, BEATs only with `model.qformer.trim_to_audio`. Empty runs the encoders at every step."""
+    encoder_store_whisper_cuts: list[int] = added_option([])
+    """Also store, from the same Whisper pass, the outputs of Whisper's first k layers under its final norm, for
+    each k: what a student built with `student.whisper_layer_selection: first` and k Whisper layers computes, so
+    `distill.train` with the same `encoder_store` reads them instead of running its encoder over every clip."""
     output_dir: str = "outputs/toy/teacher"
     log_dir: str = "runs/toy-teacher"
     """TensorBoard events and `metrics.jsonl`. Follows `output_dir` (`common.config.LOG_DIR_RULE`): when the YAML or
@@ -219,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         # A forced rerun starts from scratch: the loop would otherwise resume from the old checkpoints.
         shutil.rmtree(out_dir, ignore_errors=True)
     if cfg.encoder_store:
-        refuse_augmented(cfg.data.augment.active)
+        refuse_augmented(cfg.data.augment, copies_supported=True)
     seed_everything(cfg.loop.seed)
     save_resolved(cfg, out_dir)
     train, valid = load_split(cfg, "train"), load_split(cfg, "valid")
+    augmented = train if isinstance(train, AugmentedDataset) else None
     ensure_tokenizer(cfg, train)
     model, _ = build_salmonn(cfg.model)
     collate = AudioTextCollator(model.tokenizer)
@@ -241,7 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.lm_pretrain.steps:
         pretrain_llm(cfg, model, train, valid, out_dir, phase_key(cfg, "lm_pretrain"))
     if cfg.encoder_store:
-        train = with_cached_encoders(model, train, cfg.features, cfg.encoder_store, "train")
+        if isinstance(train, AugmentedDataset):  # data.augment.stored_copies
+            train = with_stored_augmented_copies(model, train, cfg.features, cfg.encoder_store, "train",
+                                                 cfg.encoder_store_whisper_cuts)
+        else:
+            train = with_cached_encoders(model, train, cfg.features, cfg.encoder_store, "train",
+                                         cfg.encoder_store_whisper_cuts)
         if SPEECH_OUT in model.cacheable_encoders() and trainer.cfg.weight:
             raise SystemExit("config error: ctc.weight > 0 needs the Whisper encoder to run at every step, but its "
                              "outputs are cached (encoder_store); set ctc.weight=0 or encoder_store=''")
@@ -254,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         state = fit(trainer, train, sampler, collate, lambda m, batch: m(batch), cfg.loop, cfg.optim, out_dir,
                     logger, evaluate=lambda m, step: evaluate(m.model, step), run_key=phase_key(cfg, "salmonn"))
     extra = {"step": state.step}
-    if getattr(train, "counts", None):  # an AugmentedDataset: what augmentation drew in this process's run
-        print(f"augmentation drew: {dict(train.counts)}")
+    if augmented is not None and augmented.counts:  # what augmentation drew in this process's run
+        where = " (building the stored copies: each clip once per stored encoder)" if augmented is not train else ""
+        print(f"augmentation drew{where}: {dict(augmented.counts)}")
     if cfg.finetune.steps or cfg.relearn.steps:
         trainer.cfg = dataclasses.replace(trainer.cfg, weight=0.0, qformer_weight=0.0)
         trainer.aligner = None

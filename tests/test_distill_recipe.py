@@ -205,7 +205,7 @@ def test_a_frozen_students_encoders_stored_once_train_as_if_run_at_every_step(se
     store = tmp_path / "encoders"
     assert distill_main(recipe_args(setup, tmp_path / "stored", *frozen, f"encoder_store={store}")) == 0
     files = sorted(p.name for p in store.glob("*.safetensors"))
-    assert len(files) == 1 and files[0].startswith("student-train-speech_encoder_out-")
+    assert len(files) == 1 and files[0].startswith("train-speech_encoder_out-")
     run = lambda name: [r for r in read_metrics(tmp_path / name / "runs") if "train/loss" in r]
     online, stored = run("online"), run("stored")
     assert len(online) == len(stored) == 2
@@ -225,3 +225,30 @@ def test_a_frozen_students_encoders_stored_once_train_as_if_run_at_every_step(se
     assert sorted(p.name for p in store.glob("*.safetensors")) == files  # the same encoders: the store is reused
     with pytest.raises(SystemExit, match="kd.teacher: cache"):
         distill_main(recipe_args(setup, tmp_path / "refused", *frozen, f"encoder_store={store}", "kd.teacher=online"))
+
+
+def test_lora_recovery_over_the_saved_students_int8_llm(setup, tmp_path):
+    """`init_from` with `student.lora.enabled` and `student.llm.int8_frozen`: the saved student's LLM stays frozen in
+    int8 while LoRA adapters (and the glue) train; the folder saves the base dequantized and loads back int8 + LoRA."""
+    from common.int8_frozen import is_int8, plain
+
+    assert distill_main(recipe_args(setup, tmp_path / "student", "loop.max_steps=2")) == 0
+    base = load_student_folder(tmp_path / "student" / "model")
+    lora = ["student.lora.enabled=true", "student.lora.r=4", "student.lora.alpha=8", "student.lora.dropout=0.0",
+            "student.llm.int8_frozen=true", f"init_from={tmp_path / 'student' / 'model'}", "loop.max_steps=3"]
+    assert distill_main(recipe_args(setup, tmp_path / "lora", *lora)) == 0
+    recovered = load_student_folder(tmp_path / "lora" / "model")
+    llm = recovered.llm
+    assert hasattr(llm, "get_base_model")
+    adapters = {k: v for k, v in llm.state_dict().items() if "lora_B" in k}
+    assert adapters and any(v.abs().sum() > 0 for v in adapters.values())  # B starts at zero: they trained
+    q = llm.get_base_model().model.layers[0].self_attn.q_proj
+    assert is_int8(q.base_layer.weight)
+    before = base.llm.model.layers[0].self_attn.q_proj.weight
+    after = plain(q.base_layer.weight)
+    # frozen: the base moved only by its int8 rounding (half a step of a 255-level grid per row: |w|max / 254)
+    bound = before.abs().amax(1, keepdim=True) / 254 * 1.01
+    assert ((after - before).abs() <= bound).all()
+    assert not torch.equal(recovered.projector.weight, base.projector.weight)  # the glue trains
+    with pytest.raises(SystemExit, match="already has LoRA adapters"):
+        distill_main(recipe_args(setup, tmp_path / "again", *lora[:-2], f"init_from={tmp_path / 'lora' / 'model'}"))

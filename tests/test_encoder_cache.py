@@ -11,6 +11,7 @@
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -117,6 +118,87 @@ def test_whisper_per_clip_runs_each_clip_alone_and_can_be_cached(setup):
     with torch.no_grad():
         chunk = trimmed(cfg).encode_speech(batch)
     assert not torch.allclose(chunk[0, :37], speech[0, :37], atol=1e-3)
+
+
+def test_a_teachers_whisper_pass_stores_what_its_first_layer_cut_computes(setup, tmp_path, monkeypatch):
+    """`speech_cuts`: the pass that stores the teacher's Whisper outputs also stores those of its first k layers
+    under its final norm, in the file a student cut from it ("first" selection, k layers) looks for, so that
+    student reads them without running its encoder; they are what the student computes itself. A student whose
+    layer is another (the "spaced" choice of 1 layer: the last) has another fingerprint and computes its own."""
+    import copy
+
+    from student.build import distill_whisper_encoder, select_layers
+    from teacher.encoder_store import with_cached_encoders
+
+    root, cfg = setup
+    teacher = trimmed(dataclasses.replace(cfg, whisper=dataclasses.replace(cfg.whisper, per_clip=True)))
+    ds = dataset(root)
+    with_cached_encoders(teacher, ds, FEATURES, str(tmp_path), "train", speech_cuts=[1])
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(files) == 3  # Whisper, its 1-layer cut, BEATs
+
+    def student(selection):
+        model = copy.deepcopy(teacher)
+        model.speech_encoder = distill_whisper_encoder(teacher.speech_encoder, select_layers(2, 1, selection))
+        return model.requires_grad_(False).eval()
+
+    first, spaced = student("first"), student("spaced")
+    assert first.encoder_fingerprint([SPEECH_OUT]) == teacher.encoder_fingerprint([SPEECH_OUT], speech_layers=1)
+    assert spaced.encoder_fingerprint([SPEECH_OUT]) != first.encoder_fingerprint([SPEECH_OUT])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the student's outputs were computed, not read from the teacher's pass")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("teacher.encoder_store.build_encoder_store", refuse)
+        stored = with_cached_encoders(first, ds, FEATURES, str(tmp_path), "train")
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == files
+    collate = AudioTextCollator()
+    for i in range(len(ds)):
+        own = first.encoder_outputs(collate([ds[i]]), [SPEECH_OUT])[SPEECH_OUT][0]
+        # stored in fp16 (relative rounding 2^-11) of values within a few units after the norm
+        torch.testing.assert_close(stored[i][SPEECH_OUT], own, rtol=2e-3, atol=2e-3)
+    with_cached_encoders(spaced, ds, FEATURES, str(tmp_path), "train")
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4  # its own Whisper file; BEATs' is the teacher's
+
+
+def test_stored_augmented_copies_are_the_encoders_over_each_epochs_draw(setup, tmp_path):
+    """`data.augment.stored_copies`: the frozen encoders' outputs of K augmented copies, copy c drawn as epoch c
+    draws it, and epoch e reads copy e mod K; an encoder store with augmentation and no copies is refused."""
+    from common.augment import AugmentConfig, with_augmentation
+    from teacher.encoder_store import refuse_augmented, with_stored_augmented_copies
+
+    root, cfg = setup
+    model = trimmed(dataclasses.replace(cfg, whisper=dataclasses.replace(cfg.whisper, per_clip=True)))
+    ds = dataset(root)
+    augment = AugmentConfig(speed_perturb=0.2, time_masks=1, time_mask_frames=10, stored_copies=2)
+    augmented = with_augmentation(ds, augment, seed=3)
+    train = with_stored_augmented_copies(model, augmented, FEATURES, str(tmp_path), "train")
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4  # 2 copies x (Whisper, BEATs)
+    collate = AudioTextCollator()
+    speech = {}
+    for epoch in (0, 1, 2):
+        train.set_epoch(epoch)
+        augmented.set_epoch(epoch % 2)
+        for i in range(3):  # the ASR clips: one item each, so the store drew each at its own index
+            own = model.encoder_outputs(collate([augmented[i]]), [SPEECH_OUT, AUDIO_OUT])
+            item = train[i]
+            assert item["text"] == ds[i]["text"]
+            for key in (SPEECH_OUT, AUDIO_OUT):
+                # stored in fp16 (relative rounding 2^-11) of values within a few units
+                torch.testing.assert_close(item[key], own[key][0], rtol=2e-3, atol=2e-3)
+            speech[epoch, i] = item[SPEECH_OUT]
+    for i in range(3):
+        assert torch.equal(speech[0, i], speech[2, i])  # epoch 2 reads copy 0 again
+    assert any(speech[0, i].shape != speech[1, i].shape or not torch.equal(speech[0, i], speech[1, i])
+               for i in range(3))  # the copies are different draws
+    plain = [(math.ceil(ds[i]["duration"] * 100) + 1) // 2 for i in range(3)]  # Whisper frames, unaugmented
+    assert any(speech[e, i].shape[0] != plain[i] for e in (0, 1) for i in range(3))  # speed perturbation stored
+    with pytest.raises(SystemExit, match="stored_copies"):
+        refuse_augmented(AugmentConfig(time_masks=1), copies_supported=True)
+    refuse_augmented(augment, copies_supported=True)
+    with pytest.raises(SystemExit, match="encoder_store reads cached"):
+        refuse_augmented(augment)  # distill.train: no stored copies there
 
 
 def test_cached_outputs_give_the_loss_of_the_frozen_encoders(setup, tmp_path):
