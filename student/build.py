@@ -218,7 +218,8 @@ def load_student_folder(folder: str | Path) -> Salmonn:
     model = load_model_folder(folder)
     if (folder / PRUNING_FILE).is_file() and model.audio_encoder is not None:
         pruning = from_dict(TokenPruningConfig, read_yaml(folder / PRUNING_FILE), str(folder / PRUNING_FILE))
-        model.audio_encoder = PrunedBEATs.from_beats(model.audio_encoder, pruning)
+        frozen = not any(p.requires_grad for p in model.audio_encoder.parameters())  # `beats.freeze` of the folder
+        model.audio_encoder = PrunedBEATs.from_beats(model.audio_encoder, pruning).requires_grad_(not frozen)
     return model.eval()
 
 

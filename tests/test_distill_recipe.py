@@ -214,7 +214,11 @@ def test_a_frozen_students_encoders_stored_once_train_as_if_run_at_every_step(se
             # fp16 rounding of the stored outputs (relative 2^-11 per value) moves a loss by far less than 1e-3 of
             # itself; the feature term is ~3e-6 here (the student's Q-Former is the teacher's copy), hence abs 1e-6
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
-    student = load_student_folder(tmp_path / "stored" / "model").speech_encoder.state_dict()
+    loaded = load_student_folder(tmp_path / "stored" / "model")
+    # saved frozen, loaded frozen (a recovery run keeps them so): BEATs too, under its token pruning
+    assert not any(p.requires_grad for p in loaded.audio_encoder.parameters())
+    assert not any(p.requires_grad for p in loaded.speech_encoder.parameters())
+    student = loaded.speech_encoder.state_dict()
     teacher = load_model_folder(setup / "teacher").speech_encoder.state_dict()  # "first": the same key names
     assert "layers.0.fc1.weight" in student and "layers.1.fc1.weight" not in student
     for key, value in student.items():
