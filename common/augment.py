@@ -20,6 +20,7 @@ features are of the unaugmented clip); SpecAugment alone works on the stored fea
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from math import ceil
@@ -213,8 +214,6 @@ def with_augmentation(dataset, cfg: AugmentConfig, seed: int):
 
 def augmentation_key(dataset: AugmentedDataset) -> str:
     """A short hash of what the augmented items depend on besides the clips: the settings and the seed."""
-    import hashlib
-
     settings = {k: v for k, v in dataclasses.asdict(dataset.cfg).items() if k != "stored_copies"}
     return hashlib.sha256(repr((sorted(settings.items()), dataset.seed)).encode()).hexdigest()[:12]
 

@@ -31,16 +31,17 @@ def refuse_augmented(augment: AugmentConfig, copies_supported: bool = False) -> 
 
 
 def with_stored_augmented_copies(model: Salmonn, augmented: AugmentedDataset, features: FeatureConfig,
-                                 store_dir: str, name: str, speech_cuts: Sequence[int] = ()) -> StoredCopies:
+                                 store_dir: str, name: str) -> StoredCopies:
     """The training split over the stored outputs of `model`'s frozen encoders for `stored_copies` augmented copies
     of every clip: copy c is augmented as epoch c draws it (`common.augment`), and epoch e reads copy e mod K. The
-    items' other fields are the unaugmented split's (the encoders do not run)."""
+    items' other fields are the unaugmented split's (the encoders do not run). No Whisper cuts are stored for them:
+    a student trains on the unaugmented clips."""
     key = augmentation_key(augmented)
     copies = []
     for c in range(augmented.cfg.stored_copies):
         augmented.set_epoch(c)
         copies.append(with_cached_encoders(model, augmented, features, store_dir, f"{name}-augment{key}-copy{c}",
-                                           speech_cuts, serve=augmented.dataset))
+                                           serve=augmented.dataset))
     return StoredCopies(copies)
 
 

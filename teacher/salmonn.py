@@ -31,10 +31,6 @@ SPEECH_PLACEHOLDER = "<SpeechHere>"
 SPEECH_OUT, AUDIO_OUT = ENCODER_OUTPUTS
 """Batch keys of cached raw encoder outputs; `join_encoders` uses them instead of running the encoders."""
 
-
-def speech_cut_key(layers: int) -> str:
-    """`Salmonn.encoder_outputs`' key for the output of Whisper's first `layers` layers (`speech_cuts`)."""
-    return f"{SPEECH_OUT}@{layers}"
 BEATS_PATCH_FRAMES = 16
 """fbank frames (10 ms) per BEATs time patch."""
 BeatsPadding = Literal["official", "zero"]
@@ -42,6 +38,11 @@ BEATS_PADDING = ("official", "zero")
 """What BEATs' outputs at padded tokens hold when they enter `ln_audio` and the Q-Former. "official": what BEATs
 computed there, unmasked, as the released SALMONN's forward does (the only right choice for its checkpoints); "zero":
 zeros, as smolt's toy teachers and students were trained (a clip's features then do not depend on its batch)."""
+
+
+def speech_cut_key(layers: int) -> str:
+    """`Salmonn.encoder_outputs`' key for the output of Whisper's first `layers` layers (`speech_cuts`)."""
+    return f"{SPEECH_OUT}@{layers}"
 
 
 def run_whisper_encoder(encoder: nn.Module, mel: torch.Tensor, cuts: Sequence[int] = ()

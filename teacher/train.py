@@ -248,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         pretrain_llm(cfg, model, train, valid, out_dir, phase_key(cfg, "lm_pretrain"))
     if cfg.encoder_store:
         if isinstance(train, AugmentedDataset):  # data.augment.stored_copies
-            train = with_stored_augmented_copies(model, train, cfg.features, cfg.encoder_store, "train",
-                                                 cfg.encoder_store_whisper_cuts)
+            train = with_stored_augmented_copies(model, train, cfg.features, cfg.encoder_store, "train")
         else:
             train = with_cached_encoders(model, train, cfg.features, cfg.encoder_store, "train",
                                          cfg.encoder_store_whisper_cuts)
