@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                     logger, evaluate=lambda m, step: evaluate(m.model, step), run_key=phase_key(cfg, "salmonn"))
     extra = {"step": state.step}
     if augmented is not None and augmented.counts:  # what augmentation drew in this process's run
-        where = " (building the stored copies: each clip once per stored encoder)" if augmented is not train else ""
+        where = (" (every draw of this run: pretraining phases, then the stored copies' encoder passes, each clip "
+                 "once per stored encoder)") if augmented is not train else ""
         print(f"augmentation drew{where}: {dict(augmented.counts)}")
     if cfg.finetune.steps or cfg.relearn.steps:
         trainer.cfg = dataclasses.replace(trainer.cfg, weight=0.0, qformer_weight=0.0)
