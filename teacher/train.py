@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.lm_pretrain.steps:
         pretrain_llm(cfg, model, train, valid, out_dir, phase_key(cfg, "lm_pretrain"))
     if cfg.encoder_store:
-        if isinstance(train, AugmentedDataset):  # data.augment.stored_copies
+        if augmented is not None:  # data.augment.stored_copies (refuse_augmented stopped it without)
             train = with_stored_augmented_copies(model, train, cfg.features, cfg.encoder_store, "train")
         else:
             train = with_cached_encoders(model, train, cfg.features, cfg.encoder_store, "train",
