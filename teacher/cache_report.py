@@ -19,8 +19,6 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from teacher.cache_store import CacheError, CacheReader
 
 SOFT_NATS = 0.5
