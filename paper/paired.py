@@ -3,7 +3,8 @@
     python paper/paired.py            # writes paper/tables/paired.md (run from the repository root)
 
 Nothing is re-measured. The per-seed values come from the rows files committed beside the tables
-(`tables/ablation_rows.json`, `tables/kd_tasks_rows.json`, `tables/quick_kd_rows.json`, full precision) or, for
+(`tables/ablation_rows.json`, `tables/kd_tasks_rows.json`, `tables/quick_kd_rows.json`,
+`tables/quick_pruning_rows.json`, full precision) or, for
 the first machine's tables whose rows files were never committed, from the per-seed values printed in paper.md
 itself (§4.2's first table and the transfer table's per-seed list, 3 decimals; differences of those carry up to
 ±0.001 of rounding).
@@ -50,6 +51,15 @@ COMPARISONS = [
     ("paper.md", "CE only, 250 clips", "the recipe, 250 clips"),
     ("paper.md", "CE only (4.2)", "CE only, 750 clips"),
     ("quick_kd_rows.json", "student, CE only", "the recipe"),
+    ("quick_kd_rows.json", "student, CE only", "the recipe, not annealed"),
+    ("quick_kd_rows.json", "the recipe", "the recipe, not annealed"),
+    ("quick_pruning_rows.json", "the recipe's student", "pruned 25 %, no recovery"),
+    ("quick_pruning_rows.json", "pruned 25 %, no recovery", "pruned 25 % + KD recovery"),
+    ("quick_pruning_rows.json", "pruned 25 % + KD recovery", "pruned 25 % + KD recovery, int8"),
+    ("quick_pruning_rows.json", "the recipe's student", "pruned 50 %, no recovery"),
+    ("quick_pruning_rows.json", "pruned 50 %, no recovery", "pruned 50 % + KD recovery"),
+    ("quick_pruning_rows.json", "the recipe's student", "pruned 25 % + KD recovery, int8"),
+    ("quick_pruning_rows.json", "the recipe's student", "pruned 50 % + KD recovery"),
     ("kd_tasks_rows.json", "student, CE only", "the recipe (forward KL + Q-Former feature KD, every task)"),
     ("kd_tasks_rows.json", "student, CE only", "the recipe, KD on transcripts only"),
     ("kd_tasks_rows.json", "the recipe (forward KL + Q-Former feature KD, every task)",
@@ -104,7 +114,8 @@ def main() -> None:
         "# Paired comparisons behind paper.md's claims",
         "",
         "Written by `python paper/paired.py` from the per-seed values in `tables/ablation_rows.json`,",
-        "`tables/kd_tasks_rows.json`, `tables/quick_kd_rows.json` and, for the first machine (paper.md §4.2's first",
+        "`tables/kd_tasks_rows.json`, `tables/quick_kd_rows.json`, `tables/quick_pruning_rows.json` and, for the",
+        "first machine (paper.md §4.2's first",
         "table and its transfer per-seed list; 3 decimals), paper.md itself. Difference = second row − first,",
         "paired by seed (same seed: same initialisation and data order). se = sd / √n. \"differs\" only when",
         "|mean| > 2 se; with 3 seeds a two-sided 5 % paired t test needs |t| > 4.30 (2 df), with 5 seeds |t| > 2.78",
