@@ -115,7 +115,10 @@ def _build(cls: type[T], data: dict, where: str) -> T:
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: required key '{name}' is missing")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a schema's own check (__post_init__), named by where it sits
+        raise ConfigError(f"{where}.{err}" if where else str(err)) from None
 
 
 def from_dict(cls: type[T], data: dict, source: str = "<config>") -> T:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.errors import ConfigError
+
 
 @dataclass
 class OptimConfig:
@@ -42,3 +44,11 @@ class LoopConfig:
     """Abort after this many non-finite losses or gradients (each one is skipped and counted)."""
     resume: bool = True
     """Resume from the newest checkpoint in the output folder, if there is one."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "log_every", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if value < 1:
+                hint = (" (to evaluate or save only at the end, set it to max_steps)"
+                        if name in ("eval_every", "save_every") else "")
+                raise ConfigError(f"{name} must be at least 1, got {value}{hint}")

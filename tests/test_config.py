@@ -99,6 +99,23 @@ def test_wrong_types_name_the_key(tmp_path):
         from_dict(Job, {"optim": 3})
 
 
+def test_a_schema_check_names_the_file_and_key(tmp_path):
+    # loop.eval_every=0 once reached `step % eval_every` deep in the training loop (ZeroDivisionError).
+    from common.training_config import LoopConfig
+
+    @dataclass
+    class Trainer:
+        loop: LoopConfig = field(default_factory=LoopConfig)
+
+    path = write(tmp_path, "loop:\n  eval_every: 0\n")
+    with pytest.raises(ConfigError, match=r"job.yaml: loop.eval_every must be at least 1, got 0 \(to evaluate or "
+                                          r"save only at the end, set it to max_steps\)"):
+        load_config(Trainer, path)
+    with pytest.raises(ConfigError, match=r"loop.batch_size must be at least 1, got -2$"):
+        load_config(Trainer, None, ["loop.batch_size=-2"])
+    assert load_config(Trainer, None, ["loop.eval_every=7"]).loop.eval_every == 7
+
+
 def test_malformed_yaml_names_file(tmp_path):
     with pytest.raises(ConfigError, match=r"job.yaml: not valid YAML"):
         load_config(Job, write(tmp_path, "steps: [1, 2\n"))
